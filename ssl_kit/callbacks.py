@@ -1,0 +1,66 @@
+"""Callbacks shared by every method: pictures per epoch and the end-of-training encoder export."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+from ssl_kit.export import export_encoder
+from ssl_kit.viz import save_panel_grid
+
+log = logging.getLogger("ssl_kit")
+
+
+class ReconstructionPictures(pl.Callback):
+    """Each epoch, save a PNG of fixed images as the method shows them (``reconstruction_panels``).
+
+    For MAE: row 1 original, row 2 masked input, row 3 reconstruction (visible patches pasted).
+
+    Args:
+        out_dir: folder for ``epoch_XXX.png``.
+        num_images: images per row (fixed across epochs).
+    """
+
+    def __init__(self, out_dir: str | Path, num_images: int = 8) -> None:
+        self.out_dir = Path(out_dir)
+        self.num_images = num_images
+        self.saved: list[Path] = []
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if not hasattr(pl_module, "reconstruction_panels") or dm is None:
+            return
+        dataset = dm.knn_test_set if getattr(dm, "knn_test_set", None) is not None else dm.train_set
+        images = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
+        was_training = pl_module.training
+        pl_module.eval()
+        rng = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(0)  # the same masks every epoch, so epochs compare
+            panels = pl_module.reconstruction_panels(dm.eval_images(images.to(pl_module.device)))
+        finally:
+            torch.random.set_rng_state(rng)
+            pl_module.train(was_training)
+        path = save_panel_grid(panels, self.out_dir / f"epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
+        self.saved.append(path)
+
+
+class EncoderExport(pl.Callback):
+    """At the end of fit, export the method's encoder as safetensors + timm config.
+
+    Args:
+        out_dir: export folder.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        extra = {"method": type(pl_module).__name__, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        export_encoder(pl_module.export_module(), pl_module.encoder_spec, self.out_dir, extra)
+        log.info("exported encoder to %s", self.out_dir)

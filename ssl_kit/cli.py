@@ -1,0 +1,197 @@
+"""Console scripts. ``ssl-pretrain --recipe NAME [--section.key value ...]``.
+
+A recipe is a LightningCLI YAML (``recipes/NAME.yaml`` or any path); every key can be overridden
+on the command line and ``--print_config`` shows the resolved configuration. The run writes into
+``runs/NAME/YYYYmmdd-HHMMSS`` (or ``--run_dir``): ``checkpoints/`` (last + best), ``metrics.csv``,
+``pictures/``, ``encoder/`` (timm-loadable export) and ``config.yaml``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+
+from ssl_kit.callbacks import EncoderExport, ReconstructionPictures
+from ssl_kit.errors import UserError
+from ssl_kit.eval.knn import KNNMonitor
+from ssl_kit.methods.base import SSLMethod
+
+log = logging.getLogger("ssl_kit")
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A shipped recipe name or a path to a YAML file -> the YAML path (clear error otherwise)."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"Recipe file {path} does not exist. Shipped recipes: {', '.join(available_recipes())}.")
+        return path
+    shipped = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise UserError(
+            f"Unknown recipe {name_or_path!r}. Available: {', '.join(available_recipes())} "
+            "(or pass a path to your own YAML)."
+        )
+    return shipped
+
+
+def pop_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """Remove ``--name VALUE`` or ``--name=VALUE`` from argv, returning the value."""
+    out, value, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == name:
+            if i + 1 >= len(argv):
+                raise UserError(f"{name} needs a value.")
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+        i += 1
+    return value, out
+
+
+def setup_logging() -> None:
+    logger = logging.getLogger("ssl_kit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[ssl_kit] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class PretrainCLI(LightningCLI):
+    """LightningCLI with run folders, default callbacks and data-to-model links."""
+
+    recipe_name: str = "custom"
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None, help="Output folder (default runs/RECIPE/TIME).")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
+        parser.add_argument("--knn_every_n_epochs", type=int, default=1, help="k-NN monitor frequency (0 = off).")
+        parser.link_arguments("data.img_size", "model.init_args.img_size", apply_on="instantiate")
+        parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
+
+    def run_dir(self) -> Path:
+        cfg = self.config
+        if cfg.get("run_dir"):
+            return Path(cfg["run_dir"])
+        ckpt = cfg.get("ckpt_path")
+        if ckpt and Path(ckpt).parent.name == "checkpoints":
+            return Path(ckpt).parent.parent  # resume continues the same run folder
+        return Path("runs") / self.recipe_name / time.strftime("%Y%m%d-%H%M%S")
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        run_dir = self.run_dir()
+        self.run_path = run_dir
+        dm = self.datamodule
+        dm.setup("fit")  # fail on bad data now, before anything is written
+        has_labels = getattr(dm, "has_labels", False)
+        knn_every = int(self.config.get("knn_every_n_epochs", 1))
+        monitor = ("knn_top1", "max") if has_labels and knn_every > 0 else ("train_loss_epoch", "min")
+        self.checkpoint = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="best-epoch{epoch:03d}-" + monitor[0].split("_")[0] + "{" + monitor[0] + ":.4f}",
+            auto_insert_metric_name=False,
+            monitor=monitor[0],
+            mode=monitor[1],
+            save_top_k=1,
+            save_last=True,
+        )
+        callbacks: list[pl.Callback] = list(self.config_init["trainer"].get("callbacks") or [])
+        callbacks += [self.checkpoint, LearningRateMonitor(logging_interval="step")]
+        callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
+        if has_labels and knn_every > 0:
+            callbacks.append(KNNMonitor(every_n_epochs=knn_every))
+        if hasattr(self.model, "reconstruction_panels"):
+            callbacks.append(ReconstructionPictures(run_dir / "pictures"))
+        callbacks.append(EncoderExport(run_dir / "encoder"))
+        for extra in self.model.default_callbacks() if hasattr(self.model, "default_callbacks") else []:
+            callbacks.append(extra)
+        logger = self.config_init["trainer"].get("logger")
+        if logger in (None, True):
+            logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+        kwargs.update(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
+        return super().instantiate_trainer(**kwargs)
+
+
+def pretrain_main(args: Sequence[str] | None = None) -> int:
+    """Entry point of ``ssl-pretrain``; returns the process exit code."""
+    setup_logging()
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        recipe, argv = pop_option(argv, "--recipe")
+        if recipe is None and not any(a == "--config" or a.startswith("--config=") for a in argv):
+            if any(a in ("-h", "--help") for a in argv):
+                print(f"ssl-pretrain --recipe NAME [overrides]; recipes: {', '.join(available_recipes())}")
+            else:
+                raise UserError(f"Choose a recipe: ssl-pretrain --recipe NAME, with NAME one of {', '.join(available_recipes())}.")
+        PretrainCLI.recipe_name = Path(recipe).stem if recipe else "custom"
+        if recipe is not None:
+            argv = ["--config", str(resolve_recipe(recipe))] + argv
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")
+        cli = PretrainCLI(
+            SSLMethod,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            run=False,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "ssl-pretrain", "default_env": False},
+        )
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    except UserError as err:
+        print(f"ssl-pretrain: error: {err}", file=sys.stderr)
+        return 2
+    if cli.trainer.is_global_zero:
+        print_summary(cli)
+    return 0
+
+
+def print_summary(cli: PretrainCLI) -> None:
+    """Tell the user where everything went."""
+    run = cli.run_path
+    ckpt = cli.checkpoint
+    lines = [f"run folder: {run}"]
+    if ckpt.last_model_path:
+        lines.append(f"  last checkpoint: {ckpt.last_model_path}")
+    if ckpt.best_model_path:
+        score = f" ({ckpt.monitor} {float(ckpt.best_model_score):.4f})" if ckpt.best_model_score is not None else ""
+        lines.append(f"  best checkpoint: {ckpt.best_model_path}{score}")
+    logger = cli.trainer.logger
+    if isinstance(logger, CSVLogger):
+        lines.append(f"  metrics: {Path(logger.log_dir) / 'metrics.csv'}")
+    pictures = run / "pictures"
+    if pictures.is_dir():
+        lines.append(f"  pictures: {pictures}")
+    lines.append(f"  encoder (timm): {run / 'encoder'}")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    sys.exit(pretrain_main())
+
+
+if __name__ == "__main__":
+    main()

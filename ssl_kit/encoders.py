@@ -1,0 +1,270 @@
+"""One encoder contract: a timm VisionTransformer built by one factory, plus pure token helpers.
+
+Every method uses :func:`build_encoder`; methods differ in how tokens are masked, dropped or
+windowed before ``encoder.blocks``, never in a private ViT copy. Saved encoders therefore load
+into a plain timm model (see :mod:`ssl_kit.export`).
+
+Notation: B batch, L number of patches, D embed dim, p patch size, C channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ssl_kit.errors import UserError
+
+# Small presets map to a timm architecture name plus the kwargs that change its size.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(timm_name="vit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3),
+    "small": dict(timm_name="vit_small_patch16_224", embed_dim=384, depth=12, num_heads=6),
+    "base": dict(timm_name="vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12),
+    "large": dict(timm_name="vit_large_patch16_224", embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+class EncoderConfigError(UserError, ValueError):
+    """A user-facing error in the encoder configuration (unknown name, bad sizes)."""
+
+
+@dataclass
+class EncoderSpec:
+    """Everything needed to rebuild an encoder with plain ``timm.create_model``.
+
+    Attributes:
+        timm_name: registered timm architecture (e.g. ``vit_tiny_patch16_224``).
+        kwargs: keyword arguments for ``timm.create_model`` (img_size, patch_size, ...).
+    """
+
+    timm_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_encoder_spec(
+    name: str = "tiny",
+    img_size: int = 224,
+    patch_size: int = 16,
+    in_chans: int = 3,
+    drop_path_rate: float = 0.0,
+    **overrides: Any,
+) -> EncoderSpec:
+    """Turn a preset or timm name plus sizes into an :class:`EncoderSpec`.
+
+    Args:
+        name: a preset (``tiny``, ``small``, ``base``, ``large``) or any timm ViT name.
+        img_size: square input resolution in pixels; must be divisible by ``patch_size``.
+        patch_size: patch side in pixels.
+        in_chans: image channels (1 for grayscale data such as Fashion-MNIST).
+        drop_path_rate: stochastic depth rate.
+        **overrides: further VisionTransformer kwargs (``depth``, ``embed_dim``, ...).
+    """
+    if img_size % patch_size != 0:
+        raise EncoderConfigError(
+            f"img_size {img_size} is not divisible by patch_size {patch_size}: choose an image "
+            f"size that is a multiple of the patch size (e.g. --data.img_size "
+            f"{max(patch_size, round(img_size / patch_size) * patch_size)})."
+        )
+    if name in PRESETS:
+        preset = dict(PRESETS[name])
+        timm_name = preset.pop("timm_name")
+    else:
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
+            raise EncoderConfigError(
+                f"Unknown encoder {name!r}: use a preset ({', '.join(PRESETS)}) or a timm "
+                f"ViT name such as vit_small_patch16_224" + (f"; similar: {', '.join(close)}" if close else "") + "."
+            )
+        timm_name, preset = name, {}
+    kwargs: dict[str, Any] = dict(
+        preset,
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        num_classes=0,
+        class_token=True,
+        global_pool="token",
+        qkv_bias=True,
+        drop_path_rate=drop_path_rate,
+    )
+    kwargs.update(overrides)
+    return EncoderSpec(timm_name=timm_name, kwargs=kwargs)
+
+
+def build_encoder(spec: EncoderSpec, sincos_pos_embed: bool = True) -> VisionTransformer:
+    """Create the timm VisionTransformer described by ``spec``.
+
+    Args:
+        spec: architecture name and kwargs.
+        sincos_pos_embed: fill ``pos_embed`` with fixed 2-D sin-cos values (MAE) and freeze it.
+
+    Returns:
+        A ``timm.models.vision_transformer.VisionTransformer`` with ``num_classes=0``.
+    """
+    model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise EncoderConfigError(
+            f"{spec.timm_name!r} builds a {type(model).__name__}, not a VisionTransformer: "
+            "ssl_kit methods need a plain ViT (vit_* names)."
+        )
+    if sincos_pos_embed:
+        set_sincos_pos_embed(model)
+    return model
+
+
+def set_sincos_pos_embed(model: VisionTransformer) -> None:
+    """Overwrite ``model.pos_embed`` with fixed 2-D sin-cos values; the [CLS] slot gets zeros."""
+    grid_h, grid_w = model.patch_embed.grid_size
+    num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    table = sincos_2d_pos_embed(model.embed_dim, grid_h, grid_w, num_prefix_tokens=num_prefix)
+    with torch.no_grad():
+        model.pos_embed.copy_(table.unsqueeze(0))
+    model.pos_embed.requires_grad_(False)
+
+
+def sincos_1d(dim: int, positions: Tensor) -> Tensor:
+    """Sin-cos embedding of 1-D positions, MAE layout ``[sin | cos]``.
+
+    Args:
+        dim: output width (even).
+        positions: ``[N]`` positions.
+
+    Returns:
+        ``[N, dim]`` embedding.
+    """
+    if dim % 2:
+        raise EncoderConfigError(f"sin-cos embedding needs an even width, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = positions.double().reshape(-1, 1) * omega.reshape(1, -1)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int, num_prefix_tokens: int = 1) -> Tensor:
+    """Fixed 2-D sin-cos position table as in MAE (first half encodes columns, second rows).
+
+    Args:
+        dim: embed width, divisible by 4.
+        grid_h: patch rows.
+        grid_w: patch columns.
+        num_prefix_tokens: zero rows prepended for [CLS] (and register) tokens.
+
+    Returns:
+        ``[num_prefix_tokens + grid_h * grid_w, dim]`` table in row-major patch order.
+    """
+    if dim % 4:
+        raise EncoderConfigError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    # MAE builds meshgrid(w, h) and embeds grid[0] (the column index) into the first half.
+    emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    return torch.cat([torch.zeros(num_prefix_tokens, dim), emb], dim=0)
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """Cut images into flattened patches.
+
+    Args:
+        images: ``[B, C, H, W]`` with H and W divisible by ``patch_size``.
+        patch_size: p.
+
+    Returns:
+        ``[B, L, p*p*C]`` with L = (H/p)(W/p), row-major patch order, pixel order (p, p, C).
+    """
+    b, c, h, w = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise EncoderConfigError(f"image size {h}x{w} is not divisible by patch size {p}")
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: Tensor, patch_size: int, channels: int, grid: tuple[int, int] | None = None) -> Tensor:
+    """Inverse of :func:`patchify`.
+
+    Args:
+        patches: ``[B, L, p*p*C]``.
+        patch_size: p.
+        channels: C.
+        grid: (rows, cols) of the patch grid; square if omitted.
+
+    Returns:
+        ``[B, C, rows*p, cols*p]``.
+    """
+    b, length, _ = patches.shape
+    p = patch_size
+    if grid is None:
+        side = int(round(length**0.5))
+        if side * side != length:
+            raise EncoderConfigError(f"{length} patches do not form a square grid; pass grid=(rows, cols)")
+        grid = (side, side)
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(b, channels, gh * p, gw * p)
+
+
+@dataclass
+class RandomMask:
+    """Result of per-sample random masking.
+
+    Attributes:
+        ids_keep: ``[B, L_keep]`` indices of visible patches (in shuffled order).
+        ids_restore: ``[B, L]`` inverse permutation that puts shuffled tokens back in place.
+        mask: ``[B, L]`` float, 1 = masked (dropped), 0 = visible, in original patch order.
+    """
+
+    ids_keep: Tensor
+    ids_restore: Tensor
+    mask: Tensor
+
+
+def random_masking(
+    batch: int, length: int, mask_ratio: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> RandomMask:
+    """Uniform per-sample masking without replacement (MAE): keep ``int(L * (1 - ratio))`` patches.
+
+    noise ~ U(0, 1)[B, L]; ids_shuffle = argsort(noise); the first L_keep are visible;
+    ids_restore = argsort(ids_shuffle).
+    """
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    len_keep = int(length * (1 - mask_ratio))
+    noise = torch.rand(batch, length, device=device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(batch, length, device=device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return RandomMask(ids_keep=ids_keep, ids_restore=ids_restore, mask=mask)
+
+
+def gather_tokens(tokens: Tensor, ids: Tensor) -> Tensor:
+    """Select tokens per sample: ``[B, L, D]`` x ``[B, K]`` -> ``[B, K, D]``."""
+    return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def init_weights_mae(module: nn.Module) -> None:
+    """MAE initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_vit_mae_style(model: VisionTransformer) -> None:
+    """Initialise a timm ViT as the MAE reference does (patch conv as a Linear, [CLS] N(0, 0.02))."""
+    init_weights_mae(model)
+    w = model.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    if model.cls_token is not None:
+        nn.init.normal_(model.cls_token, std=0.02)

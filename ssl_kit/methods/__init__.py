@@ -1,0 +1,7 @@
+"""Methods as LightningModules, and a tiny registry name -> class."""
+from ssl_kit.methods.base import SSLMethod
+from ssl_kit.methods.mae import MAE
+
+METHODS: dict[str, type[SSLMethod]] = {"mae": MAE}
+
+__all__ = ["METHODS", "MAE", "SSLMethod"]

@@ -1,0 +1,65 @@
+"""The small contract every method shares: one encoder, features for monitors, a training seed.
+
+Methods subclass :class:`SSLMethod` (a LightningModule) and keep their own logic in their own
+file. What the shared callbacks (k-NN monitor, export, pictures, EMA) rely on is listed here:
+
+* ``self.encoder``: the timm VisionTransformer that gets exported and evaluated;
+* ``self.encoder_spec``: how to rebuild it with plain timm;
+* ``embed(images) -> [B, D]``: features for the k-NN monitor and evaluation;
+* optionally ``ema_pairs()`` for :class:`ssl_kit.teacher.EMATeacher`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from ssl_kit.encoders import EncoderSpec, resolve_encoder_spec
+from ssl_kit.errors import NonFiniteLossError
+
+
+class SSLMethod(pl.LightningModule):
+    """Base LightningModule: holds the encoder spec and the features used by monitors."""
+
+    encoder: VisionTransformer
+    encoder_spec: EncoderSpec
+
+    def make_encoder_spec(
+        self, encoder: str, img_size: int, patch_size: int, in_chans: int, encoder_kwargs: dict[str, Any] | None
+    ) -> EncoderSpec:
+        """Resolve the encoder spec (raises a clear error for unknown names / bad sizes)."""
+        self.encoder_spec = resolve_encoder_spec(
+            encoder, img_size=img_size, patch_size=patch_size, in_chans=in_chans, **(encoder_kwargs or {})
+        )
+        return self.encoder_spec
+
+    def export_module(self) -> VisionTransformer:
+        """The encoder that is exported and evaluated (a teacher for iBOT-like methods)."""
+        return self.encoder
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Image features for monitors: [CLS] after the final norm of :meth:`export_module`.
+
+        Args:
+            images: ``[B, C, H, W]`` normalised float images.
+
+        Returns:
+            ``[B, D]``.
+        """
+        return self.export_module()(images)
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop the run with a clear message when the loss is NaN or infinite (before backward)."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"The training loss became {value} at epoch {self.current_epoch}, step {self.global_step}. "
+                "The weights were not updated with it, and the checkpoints already written are kept. "
+                "Lower the learning rate (--model.base_lr), enable gradient clipping "
+                "(--trainer.gradient_clip_val 3.0), or use bf16 instead of fp16."
+            )

@@ -1,0 +1,147 @@
+"""MAE: masked autoencoder pretraining (He et al. 2021), METHODS.md section 1."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ssl_kit.encoders import (
+    RandomMask,
+    build_encoder,
+    gather_tokens,
+    init_vit_mae_style,
+    patchify,
+    random_masking,
+    unpatchify,
+)
+from ssl_kit.heads.mae_decoder import MAEDecoder
+from ssl_kit.losses.reconstruction import masked_mse_loss
+from ssl_kit.methods.base import SSLMethod
+from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
+
+
+class MAE(SSLMethod):
+    """Masked autoencoder: the encoder sees only visible patches, a light decoder predicts pixels.
+
+    Args:
+        encoder: preset (tiny/small/base/large) or timm ViT name.
+        img_size: input resolution (linked from the data module by the CLI).
+        patch_size: patch side p.
+        in_chans: image channels (linked from the data module by the CLI).
+        encoder_kwargs: VisionTransformer overrides, e.g. ``{depth: 6}``.
+        decoder_dim: decoder width (512 for ViT-B in the paper).
+        decoder_depth: decoder blocks (8 in the paper).
+        decoder_heads: decoder attention heads.
+        mask_ratio: fraction of patches dropped per image.
+        norm_pix_loss: per-patch normalised pixel targets.
+        base_lr: lr per 256 images of effective batch.
+        weight_decay: AdamW weight decay on >= 2-D weights.
+        betas: AdamW betas.
+        warmup_epochs: linear warmup length (fractional epochs allowed).
+        min_lr: cosine floor.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "tiny",
+        img_size: int = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        encoder_kwargs: dict[str, Any] | None = None,
+        decoder_dim: int = 128,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        base_lr: float = 1.5e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 1.0,
+        min_lr: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        spec = self.make_encoder_spec(encoder, img_size, patch_size, in_chans, encoder_kwargs)
+        self.encoder = build_encoder(spec, sincos_pos_embed=True)
+        init_vit_mae_style(self.encoder)
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.decoder = MAEDecoder(
+            encoder_dim=self.encoder.embed_dim,
+            grid_size=self.encoder.patch_embed.grid_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            dim=decoder_dim,
+            depth=decoder_depth,
+            num_heads=decoder_heads,
+        )
+
+    def forward_encoder(self, images: Tensor, mask_ratio: float) -> tuple[Tensor, RandomMask]:
+        """Encode the visible patches only.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            mask_ratio: fraction of patches to drop.
+
+        Returns:
+            latent ``[B, 1 + L_keep, D]`` ([CLS] first, after the final norm) and the mask.
+        """
+        enc = self.encoder
+        x = enc.patch_embed(images)  # [B, L, D]
+        x = x + enc.pos_embed[:, enc.num_prefix_tokens :]  # position BEFORE dropping
+        masking = random_masking(x.shape[0], x.shape[1], mask_ratio, device=x.device)
+        x = gather_tokens(x, masking.ids_keep)  # [B, L_keep, D]: dropped, not replaced
+        cls = (enc.cls_token + enc.pos_embed[:, : enc.num_prefix_tokens]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # [CLS] AFTER dropping
+        x = enc.norm_pre(x)
+        x = enc.blocks(x)
+        return enc.norm(x), masking
+
+    def forward(self, images: Tensor, mask_ratio: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Full MAE pass.
+
+        Returns:
+            loss (scalar), pred ``[B, L, p*p*C]``, mask ``[B, L]`` (1 = masked).
+        """
+        ratio = self.hparams.mask_ratio if mask_ratio is None else mask_ratio
+        latent, masking = self.forward_encoder(images, ratio)
+        pred = self.decoder(latent, masking.ids_restore)
+        target = patchify(images, self.patch_size)
+        loss = masked_mse_loss(pred, target, masking.mask, norm_pix=self.hparams.norm_pix_loss)
+        return loss, pred, masking.mask
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images = batch[0]
+        loss, _, _ = self(images)
+        self.check_finite(loss)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = adamw_param_groups({"encoder": self.encoder, "decoder": self.decoder}, self.hparams.weight_decay)
+        batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule is not None else 1
+        return adamw_warmup_cosine(
+            self, groups, self.hparams.base_lr, batch_size, self.hparams.warmup_epochs,
+            betas=tuple(self.hparams.betas), min_lr=self.hparams.min_lr,
+        )
+
+    @torch.no_grad()
+    def reconstruction_panels(self, images: Tensor) -> dict[str, Tensor]:
+        """Pictures for a person: original, masked input and reconstruction, ``[B, C, H, W]`` each.
+
+        The reconstruction shows predicted patches where masked and the input where visible;
+        with norm-pix targets each predicted patch is de-normalised with the true patch's
+        mean and variance (as the MAE demo does).
+        """
+        _, pred, mask = self(images)
+        target = patchify(images, self.patch_size)
+        if self.hparams.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6) ** 0.5 + mean
+        grid = self.encoder.patch_embed.grid_size
+        m = mask.unsqueeze(-1)
+        masked = unpatchify(target * (1 - m), self.patch_size, self.in_chans, grid)
+        pasted = unpatchify(target * (1 - m) + pred * m, self.patch_size, self.in_chans, grid)
+        return {"original": images, "masked": masked, "reconstruction": pasted}

@@ -1,0 +1,105 @@
+"""Shared optimisation plumbing: lr scaling by the effective batch, warmup + cosine per step,
+and parameter groups without weight decay on biases and 1-D parameters (timm's grouping)."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterable
+
+import pytorch_lightning as pl
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+log = logging.getLogger("ssl_kit")
+
+
+def effective_batch_size(trainer: pl.Trainer, per_device_batch: int) -> int:
+    """Per-device batch x devices x nodes x gradient accumulation (METHODS.md, shared rules)."""
+    return int(per_device_batch * trainer.world_size * trainer.accumulate_grad_batches)
+
+
+def scaled_lr(base_lr: float, effective_batch: int) -> float:
+    """Linear scaling rule: ``lr = base_lr * effective_batch / 256``."""
+    return base_lr * effective_batch / 256.0
+
+
+def warmup_cosine(step: int | float, warmup_steps: int | float, total_steps: int | float, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then half-cycle cosine to ``min_ratio``.
+
+    Matches the MAE reference (``lr * t / warmup`` during warmup, then
+    ``min + (1 - min) * 0.5 * (1 + cos(pi * (t - warmup) / (total - warmup)))``).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return float(step) / float(warmup_steps)
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_schedule(step: int | float, total_steps: int | float, start: float, end: float) -> float:
+    """Half-cycle cosine from ``start`` (step 0) to ``end`` (step ``total_steps``)."""
+    progress = min(max(float(step) / max(float(total_steps), 1.0), 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names the model itself exempts from weight decay (timm's ``no_weight_decay()``)."""
+    fn = getattr(model, "no_weight_decay", None)
+    return set(fn()) if callable(fn) else set()
+
+
+def adamw_param_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Groups for several named sub-modules: weight decay on >=2-D weights only.
+
+    Biases, norm parameters, tokens and position embeddings (all 1-D or listed by
+    ``no_weight_decay()``) get ``weight_decay = 0``; frozen parameters are left out.
+    """
+    groups: list[dict[str, Any]] = []
+    for prefix, module in modules.items():
+        for group in param_groups_weight_decay(module, weight_decay, no_weight_decay_names(module)):
+            if group["params"]:
+                groups.append(dict(group, name=f"{prefix}_{'decay' if group['weight_decay'] else 'no_decay'}"))
+    return groups
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> float:
+    """Optimizer steps in one epoch (after ``estimated_stepping_batches`` has set up the data)."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        return float(trainer.estimated_stepping_batches) / max(trainer.max_epochs or 1, 1)
+    return max(batches // trainer.accumulate_grad_batches, 1)
+
+
+def adamw_warmup_cosine(
+    module: pl.LightningModule,
+    param_groups: Iterable[dict[str, Any]],
+    base_lr: float,
+    batch_size: int,
+    warmup_epochs: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    min_lr: float = 0.0,
+) -> dict[str, Any]:
+    """AdamW with ``lr = base_lr * effective_batch / 256``, per-step warmup + cosine.
+
+    Returns the dict Lightning expects from ``configure_optimizers``.
+    """
+    trainer = module.trainer
+    total_steps = int(trainer.estimated_stepping_batches)
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch(trainer)))
+    eff_batch = effective_batch_size(trainer, batch_size)
+    lr = scaled_lr(base_lr, eff_batch)
+    if trainer.is_global_zero:
+        log.info(
+            "effective batch %d (%d per device x %d processes x %d accumulation) -> lr %.3g "
+            "(base %.3g); %d optimizer steps, %d warmup",
+            eff_batch, batch_size, trainer.world_size, trainer.accumulate_grad_batches, lr, base_lr,
+            total_steps, warmup_steps,
+        )
+    optimizer = torch.optim.AdamW(list(param_groups), lr=lr, betas=betas)
+    min_ratio = min_lr / lr if lr > 0 else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
