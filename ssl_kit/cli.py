@@ -114,10 +114,14 @@ class PretrainCLI(LightningCLI):
             monitor=monitor[0],
             mode=monitor[1],
             save_top_k=1,
-            save_last=True,
+        )
+        # Lightning >= 2.5 writes save_last only when a top-k file was written in the same step, so
+        # the latest state gets its own unmonitored checkpoint, overwritten every epoch.
+        self.last_checkpoint = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
         )
         callbacks: list[pl.Callback] = list(self.config_init["trainer"].get("callbacks") or [])
-        callbacks += [self.checkpoint, LearningRateMonitor(logging_interval="step")]
+        callbacks += [self.checkpoint, self.last_checkpoint, LearningRateMonitor(logging_interval="step")]
         callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
         if has_labels and knn_every > 0:
             callbacks.append(KNNMonitor(every_n_epochs=knn_every))
@@ -131,6 +135,17 @@ class PretrainCLI(LightningCLI):
             logger = CSVLogger(save_dir=str(run_dir), name="", version="")
         kwargs.update(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
         return super().instantiate_trainer(**kwargs)
+
+
+def find_user_error(err: BaseException) -> UserError | None:
+    """The UserError behind ``err``: jsonargparse re-raises errors from ``__init__`` as a ValueError."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None
 
 
 def pretrain_main(args: Sequence[str] | None = None) -> int:
@@ -161,8 +176,11 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
             parser_kwargs={"prog": "ssl-pretrain", "default_env": False},
         )
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
-    except UserError as err:
-        print(f"ssl-pretrain: error: {err}", file=sys.stderr)
+    except Exception as err:  # a UserError, possibly wrapped by jsonargparse while instantiating classes
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"ssl-pretrain: error: {user_error}", file=sys.stderr)
         return 2
     if cli.trainer.is_global_zero:
         print_summary(cli)
@@ -174,8 +192,8 @@ def print_summary(cli: PretrainCLI) -> None:
     run = cli.run_path
     ckpt = cli.checkpoint
     lines = [f"run folder: {run}"]
-    if ckpt.last_model_path:
-        lines.append(f"  last checkpoint: {ckpt.last_model_path}")
+    if cli.last_checkpoint.best_model_path:
+        lines.append(f"  last checkpoint: {cli.last_checkpoint.best_model_path}")
     if ckpt.best_model_path:
         score = f" ({ckpt.monitor} {float(ckpt.best_model_score):.4f})" if ckpt.best_model_score is not None else ""
         lines.append(f"  best checkpoint: {ckpt.best_model_path}{score}")

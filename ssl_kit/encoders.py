@@ -73,10 +73,17 @@ def resolve_encoder_spec(
         timm_name = preset.pop("timm_name")
     else:
         if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
+            stem = name.split("_patch")[0]
+            close = [m for m in timm.list_models(f"{stem[:6]}*") if m.startswith("vit")][:8] if name else []
             raise EncoderConfigError(
                 f"Unknown encoder {name!r}: use a preset ({', '.join(PRESETS)}) or a timm "
                 f"ViT name such as vit_small_patch16_224" + (f"; similar: {', '.join(close)}" if close else "") + "."
+            )
+        module = timm.models.model_entrypoint(name).__module__
+        if not module.endswith("vision_transformer"):
+            raise EncoderConfigError(
+                f"{name!r} is a {module.rsplit('.', 1)[-1]} model, not a VisionTransformer: ssl_kit methods "
+                "need a plain ViT (a preset or a vit_* name such as vit_small_patch16_224)."
             )
         timm_name, preset = name, {}
     kwargs: dict[str, Any] = dict(

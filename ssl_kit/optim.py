@@ -50,15 +50,19 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
-def adamw_param_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """Groups for several named sub-modules: weight decay on >=2-D weights only.
+def adamw_param_groups(
+    modules: dict[str, nn.Module], weight_decay: float, exempt_listed: bool = False
+) -> list[dict[str, Any]]:
+    """Groups for several named sub-modules: no weight decay on biases and 1-D parameters.
 
-    Biases, norm parameters, tokens and position embeddings (all 1-D or listed by
-    ``no_weight_decay()``) get ``weight_decay = 0``; frozen parameters are left out.
+    With ``exempt_listed`` the names a model lists in ``no_weight_decay()`` (timm: cls_token,
+    pos_embed) are exempt too; the MAE reference does not do this (its [CLS] and mask tokens
+    are decayed), so MAE leaves it off. Frozen parameters are left out.
     """
     groups: list[dict[str, Any]] = []
     for prefix, module in modules.items():
-        for group in param_groups_weight_decay(module, weight_decay, no_weight_decay_names(module)):
+        listed = no_weight_decay_names(module) if exempt_listed else set()
+        for group in param_groups_weight_decay(module, weight_decay, no_weight_decay_list=listed):
             if group["params"]:
                 groups.append(dict(group, name=f"{prefix}_{'decay' if group['weight_decay'] else 'no_decay'}"))
     return groups

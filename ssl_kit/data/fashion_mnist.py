@@ -27,7 +27,7 @@ DOWNLOAD_URL = "https://github.com/zalandoresearch/fashion-mnist/raw/master/data
 
 def search_paths(root: str | os.PathLike | None = None) -> list[Path]:
     """Folders checked for the IDX files, most specific first."""
-    paths = [Path(root)] if root else []
+    paths = [Path(root).expanduser()] if root else []
     if os.environ.get("SSL_KIT_DATA"):
         paths.append(Path(os.environ["SSL_KIT_DATA"]) / "fashion-mnist")
     paths += [Path.home() / ".cache" / "ssl_kit" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]

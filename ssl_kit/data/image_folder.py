@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -95,7 +95,8 @@ def scan_image_folder(root: str | os.PathLike, verify: bool = True) -> ImageList
             more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
             log.warning("Skipped %d unreadable image file(s) under %s:\n  %s%s", len(skipped), root, shown, more)
     if not paths:
-        raise UserError(f"None of the image files in {root} could be read ({len(skipped)} unreadable).")
+        raise UserError(f"None of the image files in {root} could be read ({len(skipped)} unreadable): "
+                        "replace the files or point --data.root at another folder.")
     if classes:
         counts = np.bincount(np.asarray(labels), minlength=len(classes))
         empty = [c for c, n in zip(classes, counts) if n == 0]
@@ -112,7 +113,11 @@ def load_image(path: Path, size: int, channels: int) -> Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("RGBA", "LA", "P"):
+            im = ImageOps.exif_transpose(im)  # camera orientation before the centre crop
+            if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grayscale (PNG/TIFF): scale, don't clip
+                scaled = np.asarray(im, dtype=np.float64) / 257.0
+                im = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+            if im.mode in ("RGBA", "LA", "PA", "P"):
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, im.convert("RGBA"))
             im = im.convert("L" if channels == 1 else "RGB")

@@ -133,7 +133,7 @@ class PretrainDataModule(pl.LightningDataModule):
         if root is None:
             return "fashion_mnist"
         idx_files = [name for pair in fashion_mnist.FILES.values() for name in pair]
-        return "fashion_mnist" if all((Path(root) / n).is_file() for n in idx_files) else "folder"
+        return "fashion_mnist" if all((Path(root).expanduser() / n).is_file() for n in idx_files) else "folder"
 
     # ------------------------------------------------------------------ data sets
     def setup(self, stage: str | None = None) -> None:

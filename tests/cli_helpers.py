@@ -1,0 +1,35 @@
+"""Callbacks the end-to-end tests inject through --trainer.callbacks (importable: tests/ is on sys.path)."""
+import pytorch_lightning as pl
+import torch
+
+TINY_ARGS = [
+    "--recipe", "mae",
+    "--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}",
+    "--model.decoder_dim", "32", "--model.decoder_depth", "1", "--model.decoder_heads", "2",
+    "--data.batch_size", "16", "--data.num_workers", "0",
+    "--data.knn_train_size", "200", "--data.knn_test_size", "100",
+    "--trainer.limit_train_batches", "3", "--trainer.log_every_n_steps", "1",
+]
+
+
+class StopAfterEpoch(pl.Callback):
+    """Simulate an interrupted run: stop cleanly at the end of epoch ``epoch``."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+class PoisonWeightsAtEpoch(pl.Callback):
+    """Make the loss non-finite from epoch ``epoch`` on (weights set to NaN before it starts)."""
+
+    def __init__(self, epoch: int = 1):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                pl_module.decoder.pred.weight.fill_(float("nan"))

@@ -1,0 +1,23 @@
+import logging
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def ssl_caplog(caplog):
+    """caplog that also sees the 'ssl_kit' logger (which does not propagate once the CLI configured it)."""
+    logger = logging.getLogger("ssl_kit")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="ssl_kit")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+TINY_ENCODER = dict(depth=2, embed_dim=64, num_heads=2)

@@ -1,0 +1,105 @@
+"""ssl-pretrain on bad input: a one-line 'ssl-pretrain: error: ...' naming the fix, exit code 2, nothing written."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ssl_kit.cli import available_recipes, pretrain_main
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Run in tmp_path (so a stray runs/ folder lands there) and undo setup_logging()'s handler."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["ssl-pretrain"])
+    logger = logging.getLogger("ssl_kit")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = pretrain_main(list(args))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("ssl-pretrain: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_mae_recipe_is_shipped():
+    assert "mae" in available_recipes()
+
+
+def test_unknown_recipe_lists_available(capsys, tmp_path):
+    code, err = run_cli(capsys, "--recipe", "doesnotexist", "--run_dir", str(tmp_path / "run"))
+    assert code == 2
+    line = error_line(err)
+    assert "doesnotexist" in line and "mae" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_recipe_file(capsys, tmp_path):
+    code, err = run_cli(capsys, "--recipe", str(tmp_path / "mine.yaml"))
+    assert code == 2 and "mine.yaml" in error_line(err)
+
+
+def test_no_recipe_asks_for_one(capsys):
+    code, err = run_cli(capsys)
+    assert code == 2 and "--recipe" in error_line(err)
+
+
+def test_unknown_timm_model_named(capsys, tmp_path):
+    code, err = run_cli(capsys, "--recipe", "mae", "--model.encoder", "vit_doesnotexist", "--run_dir", str(tmp_path / "run"))
+    assert code == 2
+    line = error_line(err)
+    assert "vit_doesnotexist" in line and "Unknown encoder" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_img_size_not_divisible_by_patch(capsys, tmp_path):
+    code, err = run_cli(capsys, "--recipe", "mae", "--data.img_size", "30", "--run_dir", str(tmp_path / "run"))
+    assert code == 2
+    line = error_line(err)
+    assert "img_size 30" in line and "patch_size 4" in line and "--data.img_size 32" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_in_chans_from_data_module(capsys, tmp_path):
+    code, err = run_cli(capsys, "--recipe", "mae", "--data.in_chans", "2", "--run_dir", str(tmp_path / "run"))
+    assert code == 2 and "in_chans" in error_line(err)
+
+
+def test_missing_data_folder_writes_nothing(capsys, tmp_path):
+    run = tmp_path / "run"
+    code, err = run_cli(
+        capsys, "--recipe", "mae", "--data.root", "/nonexistent", "--data.dataset", "folder", "--run_dir", str(run)
+    )
+    assert code == 2
+    line = error_line(err)
+    assert "/nonexistent" in line and "--data.root" in line
+    assert not run.exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_data_folder_writes_nothing(capsys, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, "--recipe", "mae", "--data.root", str(tmp_path / "imgs"), "--run_dir", str(run))
+    assert code == 2 and "No images found" in error_line(err)
+    assert not run.exists()
+
+
+def test_print_config_shows_resolved_recipe(capsys):
+    with pytest.raises(SystemExit) as info:
+        pretrain_main(["--recipe", "mae", "--model.mask_ratio", "0.6", "--print_config"])
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "mask_ratio: 0.6" in out and "ssl_kit.methods.MAE" in out and "PretrainDataModule" in out

@@ -1,0 +1,56 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ssl_kit.methods import MAE
+from ssl_kit.optim import adamw_param_groups, cosine_schedule, effective_batch_size, scaled_lr, warmup_cosine
+
+
+def test_warmup_cosine_values():
+    # 10 warmup steps of 110: mid-warmup is half the peak, end of warmup the peak, end 0
+    assert warmup_cosine(0, 10, 110) == 0.0
+    assert warmup_cosine(5, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)  # half-way through the cosine
+    assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
+    assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_cosine_schedule_endpoints():
+    assert cosine_schedule(0, 100, 0.04, 0.4) == pytest.approx(0.04)
+    assert cosine_schedule(50, 100, 0.04, 0.4) == pytest.approx(0.22)
+    assert cosine_schedule(100, 100, 0.04, 0.4) == pytest.approx(0.4)
+
+
+def test_effective_batch_counts_devices_nodes_accumulation():
+    trainer = SimpleNamespace(world_size=8 * 2, accumulate_grad_batches=4)  # 8 devices x 2 nodes
+    assert effective_batch_size(trainer, 32) == 2048
+    assert scaled_lr(1.5e-4, 2048) == pytest.approx(1.2e-3)
+
+
+def test_no_weight_decay_on_biases_norms_tokens():
+    model = MAE(img_size=16, patch_size=4, in_chans=1, encoder_kwargs=dict(depth=1, embed_dim=32, num_heads=2), decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    groups = adamw_param_groups({"encoder": model.encoder, "decoder": model.decoder}, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    free = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(g["weight_decay"] in (0.0, 0.05) for g in groups)
+    # as the MAE reference (timm param_groups_weight_decay without a no-decay list): [CLS] and
+    # mask tokens are 3-D and decayed; every 1-D parameter and bias is not
+    assert "encoder.cls_token" in decayed and "decoder.mask_token" in decayed
+    assert "encoder.blocks.0.attn.qkv.bias" in free and "encoder.blocks.0.norm1.weight" in free
+    assert "encoder.blocks.0.attn.qkv.weight" in decayed and "decoder.pred.weight" in decayed
+    assert "encoder.patch_embed.proj.weight" in decayed
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert all(model.get_parameter(n).ndim == 1 for n in free)
+    # the frozen sin-cos position embedding is not optimised at all
+    assert "encoder.pos_embed" not in decayed | free
+    assert decayed | free == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_exempt_listed_follows_timm_no_weight_decay():
+    model = MAE(img_size=16, patch_size=4, in_chans=1, encoder_kwargs=dict(depth=1, embed_dim=32, num_heads=2), decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    groups = adamw_param_groups({"encoder": model.encoder}, 0.05, exempt_listed=True)
+    free = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert any(p is model.encoder.cls_token for p in free)

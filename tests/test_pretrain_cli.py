@@ -1,0 +1,83 @@
+"""End-to-end runs of `ssl-pretrain --recipe mae` on a tiny configuration."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from cli_helpers import TINY_ARGS
+from ssl_kit.cli import pretrain_main
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(run_dir: Path, *extra: str) -> int:
+    return pretrain_main([*TINY_ARGS, "--run_dir", str(run_dir), *extra])
+
+
+def test_smoke_run_leaves_everything_in_the_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(run, "--trainer.max_epochs", "2", "--model.mask_ratio", "0.5") == 0
+    out = capsys.readouterr().out
+    assert f"run folder: {run}" in out
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-epoch") and "knn" in n for n in ckpts)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert any(r.get("knn_top1") for r in rows) and any(r.get("train_loss_step") for r in rows)
+    assert sorted(p.name for p in (run / "pictures").iterdir()) == ["epoch_000.png", "epoch_001.png"]
+    cfg = json.loads((run / "encoder" / "config.json").read_text())
+    enc = timm.create_model(cfg["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(run / "encoder" / "model.safetensors")), **cfg["kwargs"])
+    assert enc.embed_dim == 64 and cfg["kwargs"]["in_chans"] == 1
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["hyper_parameters"]["mask_ratio"] == 0.5  # the command-line override reached the model
+    assert state["hyper_parameters"]["img_size"] == 32  # linked from the data module
+    assert (run / "config.yaml").is_file()
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(full, "--trainer.max_epochs", "2") == 0
+    assert run_cli(part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
+                   "--trainer.callbacks.epoch", "0") == 0
+    interrupted = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
+    assert interrupted["global_step"] == 3
+    assert run_cli(part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (a["global_step"], b["global_step"]) == (6, 6)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6
+
+
+def test_nonfinite_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = run_cli(run, "--trainer.max_epochs", "3", "--trainer.callbacks+=cli_helpers.PoisonWeightsAtEpoch",
+                   "--trainer.callbacks.epoch", "1")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "loss became nan" in err and "checkpoints already written are kept" in err
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """`--trainer.devices 2 --trainer.strategy ddp` on CPU (gloo), no code change."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "ssl_kit.cli", *TINY_ARGS, "--run_dir", str(run), "--trainer.max_epochs", "1",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "effective batch 32 (16 per device x 2 processes x 1 accumulation)" in proc.stderr
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 3
+    assert (run / "encoder" / "model.safetensors").is_file()
