@@ -3,7 +3,7 @@
 Run (from the repo root):
     python benchmarks/mae_throughput.py            # full: >= ~20 s timed per config
     python benchmarks/mae_throughput.py --quick    # a few steps per config (smoke / A-B checks)
-Options: --optimizer {default,foreach,fused}  --compile  --configs 1,2,3  --threads 2
+Options: --baseline (straightforward setup, for comparison)  --optimizer {ssl_kit,default,foreach,fused}  --compile  --configs 1,2,3  --threads 2
          --out benchmarks/results/mae_throughput.json
 
 Measures img/s of forward + backward + torch.optim.AdamW step (float32, torch.set_num_threads(2)),
@@ -43,6 +43,19 @@ def default_model_factory(img_size: int, patch_size: int) -> torch.nn.Module:
                decoder_dim=128, decoder_depth=4, decoder_heads=4)
 
 
+def baseline_model_factory(img_size: int, patch_size: int) -> torch.nn.Module:
+    """The same model as a straightforward implementation runs it: timm's default attention kernel
+    everywhere (no per-length choice)."""
+    from timm.layers import use_fused_attn
+    from timm.models.vision_transformer import Attention
+
+    model = default_model_factory(img_size, patch_size)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = use_fused_attn()
+    return model
+
+
 def matmul_peak_gflops(sizes: tuple[int, ...] = (2048, 3072), reps: int = 5) -> float:
     """Best fp32 torch.mm GFLOP/s over a few large square sizes."""
     best = 0.0
@@ -64,6 +77,12 @@ def max_rss_mib() -> float:
 
 
 def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
+    """``ssl_kit``: exactly the optimizer training builds (no-wd groups, fused kernel when possible)."""
+    if kind == "ssl_kit":
+        from ssl_kit.optim import _fused_ok, adamw_param_groups
+
+        groups = adamw_param_groups({"encoder": model.encoder, "decoder": model.decoder}, 0.05)
+        return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=_fused_ok(groups))
     params = [p for p in model.parameters() if p.requires_grad]
     kw: dict[str, Any] = dict(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     if kind == "fused":
@@ -133,7 +152,10 @@ def main(argv: list[str] | None = None, factory: Callable[[int, int], torch.nn.M
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps per config instead of >= 20 s")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--optimizer", choices=["default", "foreach", "fused"], default="default")
+    ap.add_argument("--optimizer", choices=["ssl_kit", "default", "foreach", "fused"], default="ssl_kit")
+    ap.add_argument("--baseline", action="store_true",
+                    help="straightforward setup: timm default attention, torch default AdamW, default malloc")
+    ap.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's default allocator settings")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     ap.add_argument("--configs", default="1,2,3", help="comma list of config numbers (1-based)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds timed per config")
@@ -141,6 +163,13 @@ def main(argv: list[str] | None = None, factory: Callable[[int, int], torch.nn.M
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.baseline:
+        args.optimizer, args.no_tune_malloc, label = "default", True, "baseline"
+        factory = factory or baseline_model_factory
+    if not args.no_tune_malloc:
+        from ssl_kit.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()  # as ssl-pretrain does at start
     torch.set_default_dtype(torch.float32)
     min_time = args.min_time if args.min_time is not None else (3.0 if args.quick else 20.0)
     warmup, min_steps = (2, 3) if args.quick else (3, 10)
@@ -166,7 +195,7 @@ def main(argv: list[str] | None = None, factory: Callable[[int, int], torch.nn.M
     for r in rows:
         print(f"{r['img_size']:>4} {r['patch_size']:>3} {r['batch']:>3} {r['steps']:>5} {r['ms_per_step']:>8.1f} "
               f"{r['img_per_s']:>8.1f} {r['gflop_per_step']:>10.2f} {r['achieved_gflops']:>8.1f} "
-              f"{100 * r['fraction_of_peak']:>5.1f}% {r['first_step_s']:>10.2f} {r['max_rss_mib']:>10.0f}")
+              f"{100 * r['fraction_of_peak']:>5.1f}% {100 * r['median_fraction_of_peak']:>7.1f}% {r['first_step_s']:>10.2f} {r['max_rss_mib']:>10.0f}")
     result = dict(label=label, torch=torch.__version__, threads=args.threads, optimizer=args.optimizer,
                   compile=args.compile, quick=args.quick, machine=platform.machine(),
                   processor=platform.processor(), matmul_peak_gflops=peak, loadavg=os.getloadavg(),

@@ -23,6 +23,7 @@ from ssl_kit.callbacks import EncoderExport, ReconstructionPictures
 from ssl_kit.errors import UserError
 from ssl_kit.eval.knn import KNNMonitor
 from ssl_kit.methods.base import SSLMethod
+from ssl_kit.runtime import tune_cpu_allocator
 
 log = logging.getLogger("ssl_kit")
 
@@ -151,6 +152,7 @@ def find_user_error(err: BaseException) -> UserError | None:
 def pretrain_main(args: Sequence[str] | None = None) -> int:
     """Entry point of ``ssl-pretrain``; returns the process exit code."""
     setup_logging()
+    tune_cpu_allocator()
     argv = list(sys.argv[1:] if args is None else args)
     try:
         recipe, argv = pop_option(argv, "--recipe")

