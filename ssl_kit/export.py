@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from safetensors.torch import save_file
 from torch import nn
 

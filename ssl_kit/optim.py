@@ -110,7 +110,18 @@ def adamw_warmup_cosine(
         )
     groups = list(param_groups)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=_fused_ok(groups))
-    min_ratio = min_lr / lr if lr > 0 else 0.0
+    return with_warmup_cosine(trainer, optimizer, warmup_epochs, min_lr / lr if lr > 0 else 0.0)
+
+
+def with_warmup_cosine(
+    trainer: pl.Trainer, optimizer: torch.optim.Optimizer, warmup_epochs: float, min_ratio: float = 0.0
+) -> dict[str, Any]:
+    """Attach a per-step warmup + cosine schedule that scales every group's own lr by the same factor.
+
+    Returns the dict Lightning expects from ``configure_optimizers``.
+    """
+    total_steps = int(trainer.estimated_stepping_batches)
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch(trainer)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
     )

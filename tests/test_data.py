@@ -208,7 +208,7 @@ def test_folder_module_single_folder_holds_out_val_fraction(tmp_path):
     nested_folder(tmp_path, per_class=5)
     dm = PretrainDataModule(root=str(tmp_path), img_size=16, num_workers=0, val_fraction=0.2, knn_train_size=0, knn_test_size=0)
     assert dm.has_labels
-    assert len(dm.knn_test_set) == 2 and len(dm.knn_train_set) == 8 and len(dm.train_set) == 10
+    assert len(dm.knn_test_set) == 2 and len(dm.knn_train_set) == 8 and len(dm.train_set) == 8  # held-out images are not pretrained on
 
 
 def test_folder_module_missing_root_is_user_error(tmp_path):

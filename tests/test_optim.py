@@ -1,7 +1,6 @@
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from ssl_kit.methods import MAE
 from ssl_kit.optim import adamw_param_groups, cosine_schedule, effective_batch_size, scaled_lr, warmup_cosine
@@ -54,3 +53,22 @@ def test_exempt_listed_follows_timm_no_weight_decay():
     groups = adamw_param_groups({"encoder": model.encoder}, 0.05, exempt_listed=True)
     free = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
     assert any(p is model.encoder.cls_token for p in free)
+
+
+def test_mae_optimizer_lr_at_mid_warmup_uses_effective_batch():
+    """2 nodes x 2 devices x accumulation 2 x batch 16 = 128 -> lr 1.5e-4 * 128 / 256; half of it mid-warmup."""
+    from types import SimpleNamespace
+
+    model = MAE(img_size=16, patch_size=4, in_chans=1, encoder_kwargs=dict(depth=1, embed_dim=32, num_heads=2),
+                decoder_dim=16, decoder_depth=1, decoder_heads=2, warmup_epochs=1)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=100, num_training_batches=20, accumulate_grad_batches=2,
+                                     world_size=4, max_epochs=10, is_global_zero=True, datamodule=SimpleNamespace(batch_size=16))
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    for _ in range(5):  # warmup = 1 epoch = 20 batches / 2 accumulation = 10 optimizer steps
+        optimizer.step()
+        scheduler.step()
+    assert all(g["lr"] == pytest.approx(1.5e-4 * 128 / 256 * 0.5) for g in optimizer.param_groups)
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}

@@ -22,6 +22,9 @@ from ssl_kit.encoders import EncoderSpec, resolve_encoder_spec
 from ssl_kit.errors import NonFiniteLossError
 
 
+CHECKPOINT_KEY = "ssl_kit"
+
+
 class SSLMethod(pl.LightningModule):
     """Base LightningModule: holds the encoder spec and the features used by monitors."""
 
@@ -40,6 +43,22 @@ class SSLMethod(pl.LightningModule):
     def export_module(self) -> VisionTransformer:
         """The encoder that is exported and evaluated (a teacher for iBOT-like methods)."""
         return self.encoder
+
+    def export_prefix(self) -> str:
+        """State-dict prefix of :meth:`export_module` inside this LightningModule (e.g. ``encoder.``)."""
+        target = self.export_module()
+        for name, module in self.named_modules():
+            if module is target:
+                return f"{name}." if name else ""
+        raise RuntimeError("export_module() must return a sub-module of the method")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which encoder the checkpoint carries, so evaluation tools can rebuild it."""
+        checkpoint[CHECKPOINT_KEY] = {
+            "method": type(self).__name__,
+            "encoder": {"timm_name": self.encoder_spec.timm_name, "kwargs": dict(self.encoder_spec.kwargs)},
+            "export_prefix": self.export_prefix(),
+        }
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

@@ -1,0 +1,287 @@
+"""Evaluation commands: ``ssl-knn``, ``ssl-linear-probe``, ``ssl-finetune``, ``ssl-export``.
+
+Each takes ``--ckpt`` (a checkpoint of any ssl_kit method), ``--encoder`` (an export folder) or
+``--random_init NAME`` (the baseline), ``--data.*`` like ssl-pretrain (default: Fashion-MNIST
+train/test), writes ``metrics.json`` and a CSV into ``--out`` (default ``runs/eval/COMMAND/TIME``)
+and prints the headline figure. Probe and fine-tune also take ``--trainer.*`` Lightning flags.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LightningArgumentParser
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from ssl_kit.cli import find_user_error, setup_logging
+from ssl_kit.data.classification import ClassificationDataModule
+from ssl_kit.data.module import EpochSeededRandomSampler
+from ssl_kit.errors import UserError
+from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, read_checkpoint
+from ssl_kit.eval.features import encoder_features, feature_dim
+from ssl_kit.eval.finetune import FineTune
+from ssl_kit.eval.knn import extract_features, weighted_knn
+from ssl_kit.eval.linear_probe import LinearProbe
+from ssl_kit.encoders import select_attention_kernel
+from ssl_kit.export import export_encoder
+from ssl_kit.runtime import tune_cpu_allocator
+
+log = logging.getLogger("ssl_kit")
+
+# Dashed spellings from the docs -> the parser's names.
+ALIASES = {"--random-init": "--random_init", "--cached-features": "--cached_features",
+           "--labels-per-class": "--data.labels_per_class"}
+TRAINER_SKIP = {"logger", "callbacks", "default_root_dir", "enable_checkpointing"}
+
+
+def normalise_argv(argv: Sequence[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(ALIASES.get(name, name) + eq + value)
+    return out
+
+
+def base_parser(prog: str, description: str, with_trainer: bool) -> LightningArgumentParser:
+    parser = LightningArgumentParser(prog=prog, description=description, default_env=False)
+    parser.add_argument("--ckpt", type=str | None, default=None, help="ssl_kit method checkpoint")
+    parser.add_argument("--encoder", type=str | None, default=None, help="exported encoder folder")
+    parser.add_argument("--random_init", type=str | None, default=None, help="preset or timm name, random weights")
+    parser.add_argument("--patch_size", type=int, default=16, help="patch size for --random_init")
+    parser.add_argument("--encoder_kwargs", type=dict | None, default=None, help="ViT kwargs for --random_init")
+    parser.add_argument("--out", type=str | None, default=None, help="output folder")
+    parser.add_class_arguments(ClassificationDataModule, "data", instantiate=False)
+    if with_trainer:
+        parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, skip=TRAINER_SKIP)
+    return parser
+
+
+def run_command(prog: str, body: Callable[[list[str]], dict[str, Any]], args: Sequence[str] | None) -> int:
+    """Shared wrapper: logging, allocator, clear user errors (exit 2)."""
+    setup_logging()
+    tune_cpu_allocator()
+    try:
+        body(normalise_argv(sys.argv[1:] if args is None else args))
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"{prog}: error: {user_error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def output_dir(cfg: Any, command: str) -> Path:
+    out = Path(cfg.out) if cfg.out else Path("runs") / "eval" / command / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def prepare(cfg: Any, command: str) -> tuple[ClassificationDataModule, Path, EncoderSource, float]:
+    """Data (set up, so bad data fails before anything is written), output folder, encoder source, start time."""
+    start = time.perf_counter()
+    data = ClassificationDataModule(**cfg.data)
+    data.setup()
+    return data, output_dir(cfg, command), source_of(cfg), start
+
+
+def source_of(cfg: Any) -> EncoderSource:
+    return EncoderSource(cfg.ckpt, cfg.encoder, cfg.random_init, cfg.patch_size, cfg.encoder_kwargs)
+
+
+def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+
+def device_of(cfg: Any) -> torch.device:
+    accelerator = getattr(getattr(cfg, "trainer", None), "accelerator", "auto")
+    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def extract_split_features(model: torch.nn.Module, data: ClassificationDataModule, kind: str, last_n: int,
+                           device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Features of the un-augmented train and val splits, computed once."""
+    model.eval().to(device)
+    if device.type != "cpu":
+        select_attention_kernel(model, 1, device)  # fused kernels on GPUs
+    embed = lambda x: encoder_features(model, x, kind, last_n)  # noqa: E731
+    train_loader, val_loader = data.feature_loaders()
+    with torch.inference_mode():
+        train_f, train_y = extract_features(embed, train_loader, data.eval_transform.to(device), device)
+        val_f, val_y = extract_features(embed, val_loader, data.eval_transform.to(device), device)
+    return train_f, train_y, val_f, val_y
+
+
+# ---------------------------------------------------------------------------------------- k-NN
+def knn_body(argv: list[str]) -> dict[str, Any]:
+    parser = base_parser("ssl-knn", "Weighted k-NN top-1 on L2-normalised frozen features.", with_trainer=False)
+    parser.add_argument("--k", type=str, default="20", help="neighbours: one value or a list like 10,20,100,200")
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--feature", type=str, default="cls", help="cls, avgpool or cls_last_n")
+    parser.add_argument("--last_n", type=int, default=4)
+    parser.set_defaults({"data.train_augment": "none"})
+    cfg = parser.parse_args(argv)
+    try:
+        ks = sorted({int(k) for k in str(cfg.k).split(",")})
+    except ValueError as err:
+        raise UserError(f"--k takes integers like 20 or 10,20,100,200, got {cfg.k!r}") from err
+    data, out, source, start = prepare(cfg, "knn")
+    model, _ = load_encoder(source, data.img_size, data.in_chans)
+    train_f, train_y, val_f, val_y = extract_split_features(model, data, cfg.feature, cfg.last_n, device_of(cfg))
+    preds = weighted_knn(train_f, train_y, val_f, data.num_classes, ks, cfg.temperature)
+    top1 = {k: float((preds[k] == val_y).float().mean()) for k in ks}
+    with open(out / "knn.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["k", "top1"])
+        writer.writerows([[k, f"{v:.6f}"] for k, v in top1.items()])
+    data.save_subset(out / "labeled_subset.json")
+    metrics = {"command": "ssl-knn", "encoder": source.describe(), "feature": cfg.feature, "temperature": cfg.temperature,
+               "knn_top1": {str(k): v for k, v in top1.items()}, "num_train": len(train_y), "num_val": len(val_y),
+               "labels_per_class": data.labels_per_class, "wall_s": round(time.perf_counter() - start, 1)}
+    write_metrics(out, metrics)
+    head = ks[len(ks) // 2] if 20 not in ks else 20
+    print(f"k-NN top-1 (k={head}, T={cfg.temperature}): {100 * top1[head]:.2f} %  [{source.describe()}]\n"
+          f"  all k: {', '.join(f'{k}: {100 * v:.2f} %' for k, v in top1.items())}\n  metrics: {out / 'metrics.json'}")
+    return metrics
+
+
+def knn_main(args: Sequence[str] | None = None) -> int:
+    return run_command("ssl-knn", knn_body, args)
+
+
+# ---------------------------------------------------------------------------------------- fit helpers
+class ValHistory(pl.Callback):
+    """Validation top-1 after every epoch (for final and best figures)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and "val_top1" in trainer.callback_metrics:
+            self.values.append(float(trainer.callback_metrics["val_top1"]))
+
+
+def make_trainer(cfg: Any, out: Path, history: ValHistory) -> pl.Trainer:
+    trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if k not in TRAINER_SKIP}
+    trainer_kwargs.setdefault("num_sanity_val_steps", 0)
+    return pl.Trainer(**trainer_kwargs, logger=CSVLogger(str(out), name="", version=""), callbacks=[history],
+                      default_root_dir=str(out), enable_checkpointing=False)
+
+
+def fit_and_report(command: str, cfg: Any, out: Path, module: pl.LightningModule, fit: Callable[[pl.Trainer], None],
+                   extra: dict[str, Any], start: float) -> dict[str, Any]:
+    history = ValHistory()
+    trainer = make_trainer(cfg, out, history)
+    fit(trainer)
+    if not history.values:
+        raise UserError("No validation epoch ran: raise --trainer.max_epochs or --trainer.limit_val_batches.")
+    metrics = {"command": command, **extra, "val_top1_final": history.values[-1], "val_top1_best": max(history.values),
+               "val_top1_per_epoch": history.values, "epochs": trainer.current_epoch,
+               "wall_s": round(time.perf_counter() - start, 1)}
+    write_metrics(out, metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------- linear probe
+def linear_probe_body(argv: list[str]) -> dict[str, Any]:
+    parser = base_parser("ssl-linear-probe", "Linear probe on a frozen encoder (MAE protocol, LARS).", with_trainer=True)
+    parser.add_argument("--feature", type=str, default="cls", help="cls (MAE), avgpool, or cls_last_n (iBOT ViT-S)")
+    parser.add_argument("--last_n", type=int, default=4)
+    parser.add_argument("--base_lr", type=float, default=0.1)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--warmup_epochs", type=float, default=10)
+    parser.add_argument("--cached_features", type=bool, default=False,
+                        help="extract features once (no augmentation) and train the head on them (fast)")
+    parser.set_defaults({"trainer.max_epochs": 90, "data.train_augment": "crop_flip"})
+    cfg = parser.parse_args(argv)
+    data, out, source, start = prepare(cfg, "linear_probe")
+    model, _ = load_encoder(source, data.img_size, data.in_chans)
+    dim = feature_dim(model, cfg.feature, cfg.last_n)
+    hp = dict(feature_dim=dim, num_classes=data.num_classes, feature=cfg.feature, last_n=cfg.last_n,
+              base_lr=cfg.base_lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, batch_size=data.batch_size)
+    if cfg.cached_features:
+        train_f, train_y, val_f, val_y = extract_split_features(model, data, cfg.feature, cfg.last_n, device_of(cfg))
+        train_set = TensorDataset(train_f, train_y)
+        train_loader = DataLoader(train_set, batch_size=data.batch_size, sampler=EpochSeededRandomSampler(train_set, data.seed),
+                                  drop_last=len(train_set) > data.batch_size)
+        val_loader = DataLoader(TensorDataset(val_f, val_y), batch_size=1024)
+        module = LinearProbe(None, **hp)
+        fit = lambda trainer: trainer.fit(module, train_loader, val_loader)  # noqa: E731
+    else:
+        module = LinearProbe(model, **hp)
+        fit = lambda trainer: trainer.fit(module, datamodule=data)  # noqa: E731
+    protocol = ("cached features: extracted once without augmentation, head trained on them"
+                if cfg.cached_features else "full: frozen encoder on augmented images (RandomResizedCrop + flip) every step")
+    data.save_subset(out / "labeled_subset.json")
+    metrics = fit_and_report("ssl-linear-probe", cfg, out, module, fit, {
+        "encoder": source.describe(), "protocol": protocol, "cached_features": bool(cfg.cached_features),
+        "feature": cfg.feature, "labels_per_class": data.labels_per_class, "optimizer": "LARS",
+        "base_lr": cfg.base_lr}, start)
+    print(f"linear probe top-1: {100 * metrics['val_top1_final']:.2f} % (best epoch {100 * metrics['val_top1_best']:.2f} %)"
+          f"  [{source.describe()}; {'cached features' if cfg.cached_features else 'full protocol'}]\n"
+          f"  metrics: {out / 'metrics.json'}")
+    return metrics
+
+
+def linear_probe_main(args: Sequence[str] | None = None) -> int:
+    return run_command("ssl-linear-probe", linear_probe_body, args)
+
+
+# ---------------------------------------------------------------------------------------- fine-tune
+def finetune_body(argv: list[str]) -> dict[str, Any]:
+    parser = base_parser("ssl-finetune", "Full fine-tuning with layer-wise lr decay (MAE recipe).", with_trainer=True)
+    parser.add_argument("--base_lr", type=float, default=5e-4)
+    parser.add_argument("--layer_decay", type=float, default=0.75)
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--drop_path", type=float, default=0.1)
+    parser.add_argument("--label_smoothing", type=float, default=0.1)
+    parser.add_argument("--mixup", type=float, default=0.8)
+    parser.add_argument("--cutmix", type=float, default=1.0)
+    parser.add_argument("--warmup_epochs", type=float, default=5)
+    parser.add_argument("--min_lr", type=float, default=1e-6)
+    parser.set_defaults({"trainer.max_epochs": 100, "data.train_augment": "finetune"})
+    cfg = parser.parse_args(argv)
+    data, out, source, start = prepare(cfg, "finetune")
+    model, spec = load_encoder(source, data.img_size, data.in_chans, num_classes=data.num_classes,
+                               global_pool="avg", drop_path_rate=cfg.drop_path)
+    module = FineTune(model, data.num_classes, base_lr=cfg.base_lr, layer_decay=cfg.layer_decay,
+                      weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr,
+                      label_smoothing=cfg.label_smoothing, mixup=cfg.mixup, cutmix=cfg.cutmix, batch_size=data.batch_size)
+    data.save_subset(out / "labeled_subset.json")
+    metrics = fit_and_report("ssl-finetune", cfg, out, module, lambda trainer: trainer.fit(module, datamodule=data), {
+        "encoder": source.describe(), "labels_per_class": data.labels_per_class, "layer_decay": cfg.layer_decay,
+        "base_lr": cfg.base_lr, "drop_path": cfg.drop_path, "mixup": cfg.mixup, "cutmix": cfg.cutmix}, start)
+    print(f"fine-tune top-1: {100 * metrics['val_top1_final']:.2f} % (best epoch {100 * metrics['val_top1_best']:.2f} %)"
+          f"  [{source.describe()}]\n  metrics: {out / 'metrics.json'}")
+    return metrics
+
+
+def finetune_main(args: Sequence[str] | None = None) -> int:
+    return run_command("ssl-finetune", finetune_body, args)
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_body(argv: list[str]) -> dict[str, Any]:
+    parser = LightningArgumentParser(prog="ssl-export", description="Export a checkpoint's encoder for timm.", default_env=False)
+    parser.add_argument("--ckpt", type=str, help="ssl_kit method checkpoint")
+    parser.add_argument("--out", type=str, help="export folder (model.safetensors + config.json)")
+    cfg = parser.parse_args(argv)
+    spec, state, record = read_checkpoint(Path(cfg.ckpt))
+    source = EncoderSource(ckpt=cfg.ckpt)
+    model, _ = load_encoder(source, spec.kwargs["img_size"], spec.kwargs.get("in_chans", 3))
+    out = export_encoder(model, spec, cfg.out, {"method": record.get("method"), "source_checkpoint": str(cfg.ckpt)})
+    print(f"exported {record.get('method')} encoder ({spec.timm_name}) to {out}")
+    return {"out": str(out)}
+
+
+def export_main(args: Sequence[str] | None = None) -> int:
+    return run_command("ssl-export", export_body, args)

@@ -1,0 +1,132 @@
+"""Get an encoder to evaluate: from any ssl_kit checkpoint, an export, or a random initialisation.
+
+All three end the same way: a timm VisionTransformer built with ``timm.create_model`` from the
+recorded name and kwargs (plus evaluation overrides such as ``num_classes``, ``global_pool`` or
+``drop_path_rate``), and the weights loaded through timm's own ViT checkpoint filter, which
+resamples the position embedding when the evaluation image size differs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style, resolve_encoder_spec, select_attention_kernel
+from ssl_kit.errors import UserError
+from ssl_kit.export import CONFIG, WEIGHTS
+from ssl_kit.methods.base import CHECKPOINT_KEY
+
+log = logging.getLogger("ssl_kit")
+
+# Keys an evaluation head may add or drop relative to the pretrained encoder.
+_HEAD_KEYS = ("head.", "fc_norm.", "norm.")
+
+
+@dataclass
+class EncoderSource:
+    """Where the encoder comes from (exactly one of the three)."""
+
+    ckpt: str | None = None
+    encoder: str | None = None
+    random_init: str | None = None
+    patch_size: int = 16
+    encoder_kwargs: dict[str, Any] | None = None
+
+    def describe(self) -> str:
+        if self.ckpt:
+            return f"checkpoint {self.ckpt}"
+        if self.encoder:
+            return f"export {self.encoder}"
+        return f"random init {self.random_init}"
+
+
+def read_checkpoint(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor], dict[str, Any]]:
+    """The encoder spec, its weights and the method record of an ssl_kit checkpoint."""
+    if not path.is_file():
+        raise UserError(f"Checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling errors have many types
+        raise UserError(f"Cannot read checkpoint {path}: {err}") from err
+    record = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if record is None:
+        raise UserError(
+            f"{path} is not an ssl_kit method checkpoint (it has no '{CHECKPOINT_KEY}' encoder record). "
+            "Pass a checkpoint written by ssl-pretrain, or an exported encoder with --encoder DIR."
+        )
+    prefix = record["export_prefix"]
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise UserError(f"{path}: no weights under '{prefix}' in the checkpoint's state_dict.")
+    enc = record["encoder"]
+    return EncoderSpec(enc["timm_name"], dict(enc["kwargs"])), state, record
+
+
+def _read_export(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor]]:
+    folder = path.parent if path.name == CONFIG else path
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise UserError(f"{folder} is not an ssl_kit encoder export (needs {CONFIG} and {WEIGHTS}).")
+    config = json.loads((folder / CONFIG).read_text())
+    return EncoderSpec(config["timm_name"], dict(config["kwargs"])), load_file(str(folder / WEIGHTS))
+
+
+def load_encoder(
+    source: EncoderSource, img_size: int, in_chans: int, **overrides: Any
+) -> tuple[VisionTransformer, EncoderSpec]:
+    """Build the encoder for evaluation at ``img_size`` / ``in_chans``.
+
+    Args:
+        source: checkpoint, export or random-init name.
+        img_size: evaluation resolution (the position embedding is resampled if it differs).
+        in_chans: channels of the evaluation data (must match the encoder's).
+        **overrides: timm kwargs for evaluation (``num_classes``, ``global_pool``, ``drop_path_rate``).
+
+    Returns:
+        The model and the spec it was built from (with the overrides applied).
+    """
+    given = [x for x in (source.ckpt, source.encoder, source.random_init) if x]
+    if len(given) != 1:
+        raise UserError("Give exactly one of --ckpt CHECKPOINT, --encoder EXPORT_DIR or --random_init NAME.")
+    if source.random_init:
+        spec = resolve_encoder_spec(
+            source.random_init, img_size=img_size, patch_size=source.patch_size, in_chans=in_chans,
+            **(source.encoder_kwargs or {}), **overrides,
+        )
+        model = build_encoder(spec, sincos_pos_embed=True)
+        init_vit_mae_style(model)
+        select_attention_kernel(model, 1 + model.patch_embed.num_patches)
+        return model, spec
+    spec, state = read_checkpoint(Path(source.ckpt))[:2] if source.ckpt else _read_export(Path(source.encoder))
+    trained_chans, trained_size = spec.kwargs.get("in_chans", 3), spec.kwargs.get("img_size")
+    if trained_chans != in_chans:
+        raise UserError(
+            f"The encoder was trained on {trained_chans}-channel images but the data have {in_chans}: "
+            f"pass --data.in_chans {trained_chans}."
+        )
+    patch = spec.kwargs.get("patch_size", 16)
+    if img_size % patch:
+        raise UserError(f"--data.img_size {img_size} is not divisible by the encoder's patch size {patch}.")
+    kwargs = dict(spec.kwargs, img_size=img_size, **overrides)
+    model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    if trained_size is not None and trained_size != img_size:
+        log.warning(
+            "Encoder trained at %s px, evaluated at %s px: position embedding resampled (bicubic) from a "
+            "%dx%d to a %dx%d patch grid.", trained_size, img_size, trained_size // patch, trained_size // patch,
+            img_size // patch, img_size // patch,
+        )
+    filtered = checkpoint_filter_fn(state, model)
+    missing, unexpected = model.load_state_dict(filtered, strict=False)
+    bad = [k for k in list(missing) + list(unexpected) if not k.startswith(_HEAD_KEYS)]
+    if bad:
+        raise UserError(f"The saved encoder does not fit {spec.timm_name} with {kwargs}: mismatched weights {bad[:6]}.")
+    if missing:
+        log.info("new evaluation parameters (not in the pretrained encoder): %s", ", ".join(sorted(missing)))
+    select_attention_kernel(model, 1 + model.patch_embed.num_patches)  # CPU: explicit softmax for short sequences
+    return model, EncoderSpec(spec.timm_name, kwargs)
