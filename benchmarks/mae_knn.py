@@ -9,7 +9,7 @@ images as memory, all 10k test images scored):
 Usage (2 CPU cores; about 10 min of pretraining plus ~4 min of feature extraction):
     python benchmarks/mae_knn.py                       # runs the default recipe, then evaluates
     python benchmarks/mae_knn.py --encoder runs/mae/TIME/encoder   # evaluate an existing export
-Writes benchmarks/results/mae_knn.json.
+Writes benchmarks/results/mae_knn.json (or --result NAME).
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", help="existing export folder; skips pretraining")
     parser.add_argument("--run_dir", default="runs/bench_mae_knn")
+    parser.add_argument("--result", default="mae_knn.json")
     parser.add_argument("overrides", nargs="*", help="extra ssl-pretrain overrides (after --)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -58,6 +59,9 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         result["pretrain_wall_s"] = round(time.perf_counter() - start, 1)
         result["pretrain_command"] = " ".join(cmd)
+        resolved = (Path(args.run_dir) / "config.yaml").read_text()  # the recipe as it ran
+        result["pretrain_config"] = {line.split(":")[0].strip(): line.split(":", 1)[1].strip()
+                                     for line in resolved.splitlines() if line.strip().startswith(("base_lr", "max_epochs", "limit_train_batches"))}
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     transform = EvalTransform(32, MEAN, STD)
@@ -85,7 +89,7 @@ def main() -> None:
     result["encoder"] = str(encoder_dir)
     result["encoder_config"] = config
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mae_knn.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (RESULTS / args.result).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "encoder_config"}, indent=2))
 
 

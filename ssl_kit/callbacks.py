@@ -20,7 +20,7 @@ class ReconstructionPictures(pl.Callback):
     For MAE: row 1 original, row 2 masked input, row 3 reconstruction (visible patches pasted).
 
     Args:
-        out_dir: folder for ``epoch_XXX.png``.
+        out_dir: folder for ``epoch_NNN.png`` (zero-padded epoch).
         num_images: images per row (fixed across epochs).
     """
 
