@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--encoder", help="existing export folder; skips pretraining")
     parser.add_argument("--run_dir", default="runs/bench_mae_knn")
     parser.add_argument("--result", default="mae_knn.json")
+    parser.add_argument("--skip_random_init", action="store_true", help="only the pretrained encoder and raw pixels")
     parser.add_argument("overrides", nargs="*", help="extra ssl-pretrain overrides (after --)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -80,7 +81,8 @@ def main() -> None:
         in_chans=kwargs["in_chans"],
         encoder_kwargs={k: kwargs[k] for k in ("embed_dim", "depth", "num_heads")},
     ).encoder
-    for name, model in (("pretrained", pretrained), ("random_init", random_init)):
+    models = [("pretrained", pretrained)] + ([] if args.skip_random_init else [("random_init", random_init)])
+    for name, model in models:
         start = time.perf_counter()
         tr, te = features(model, train_x, transform), features(model, test_x, transform)
         result[f"{name}_knn_top1"] = knn_top1(tr, train_y, te, test_y)

@@ -153,3 +153,6 @@ def test_bad_inputs_are_clear(tiny_run, tmp_path, capsys):
     assert "fewer than --data.labels_per_class 7000" in capsys.readouterr().err
     assert knn_main(["--data.labels_per_class", "5"]) == 2
     assert "exactly one of --ckpt" in capsys.readouterr().err
+    assert linear_probe_main([*RANDOM_TINY, "--data.root", str(tmp_path / "nowhere"), "--data.dataset", "folder",
+                              "--out", str(tmp_path / "never")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "never").exists()

@@ -165,7 +165,8 @@ class ValHistory(pl.Callback):
     def __init__(self) -> None:
         self.values: list[float] = []
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after Lightning has finalised the epoch's metrics
         if not trainer.sanity_checking and "val_top1" in trainer.callback_metrics:
             self.values.append(float(trainer.callback_metrics["val_top1"]))
 
