@@ -27,7 +27,6 @@ class ReconstructionPictures(pl.Callback):
     def __init__(self, out_dir: str | Path, num_images: int = 8) -> None:
         self.out_dir = Path(out_dir)
         self.num_images = num_images
-        self.saved: list[Path] = []
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -45,8 +44,7 @@ class ReconstructionPictures(pl.Callback):
         finally:
             torch.random.set_rng_state(rng)
             pl_module.train(was_training)
-        path = save_panel_grid(panels, self.out_dir / f"epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
-        self.saved.append(path)
+        save_panel_grid(panels, self.out_dir / f"epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
 
 
 class EncoderExport(pl.Callback):

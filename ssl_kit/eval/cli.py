@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
+import timm
 import torch
 from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.loggers import CSVLogger
@@ -276,9 +277,9 @@ def export_body(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--ckpt", type=str, help="ssl_kit method checkpoint")
     parser.add_argument("--out", type=str, help="export folder (model.safetensors + config.json)")
     cfg = parser.parse_args(argv)
-    spec, state, record = read_checkpoint(Path(cfg.ckpt))
-    source = EncoderSource(ckpt=cfg.ckpt)
-    model, _ = load_encoder(source, spec.kwargs["img_size"], spec.kwargs.get("in_chans", 3))
+    spec, state, record = read_checkpoint(Path(cfg.ckpt))  # read once: the recorded spec rebuilds the encoder
+    model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
+    model.load_state_dict(state)
     out = export_encoder(model, spec, cfg.out, {"method": record.get("method"), "source_checkpoint": str(cfg.ckpt)})
     print(f"exported {record.get('method')} encoder ({spec.timm_name}) to {out}")
     return {"out": str(out)}

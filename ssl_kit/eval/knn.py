@@ -87,7 +87,6 @@ class KNNMonitor(pl.Callback):
 
     def __init__(self, k: int = 20, temperature: float = 0.07, every_n_epochs: int = 1) -> None:
         self.k, self.temperature, self.every_n_epochs = k, temperature, every_n_epochs
-        self.history: list[tuple[int, float]] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -97,7 +96,6 @@ class KNNMonitor(pl.Callback):
         top1 = self.evaluate(trainer, pl_module)
         if top1 is None:
             return
-        self.history.append((epoch, top1))
         pl_module.log("knn_top1", top1, prog_bar=True, on_epoch=True, sync_dist=False)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
