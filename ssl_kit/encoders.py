@@ -80,7 +80,7 @@ def resolve_encoder_spec(
                 f"ViT name such as vit_small_patch16_224" + (f"; similar: {', '.join(close)}" if close else "") + "."
             )
         module = timm.models.model_entrypoint(name).__module__
-        if not module.endswith("vision_transformer"):
+        if not module.endswith(("vision_transformer", "ssl_kit.rpe")):
             raise EncoderConfigError(
                 f"{name!r} is a {module.rsplit('.', 1)[-1]} model, not a VisionTransformer: ssl_kit methods "
                 "need a plain ViT (a preset or a vit_* name such as vit_small_patch16_224)."
@@ -117,7 +117,7 @@ def build_encoder(spec: EncoderSpec, sincos_pos_embed: bool = True) -> VisionTra
             f"{spec.timm_name!r} builds a {type(model).__name__}, not a VisionTransformer: "
             "ssl_kit methods need a plain ViT (vit_* names)."
         )
-    if sincos_pos_embed:
+    if sincos_pos_embed and model.pos_embed is not None:  # relative-position encoders have none
         set_sincos_pos_embed(model)
     return model
 
@@ -297,3 +297,59 @@ def init_vit_mae_style(model: VisionTransformer) -> None:
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     if model.cls_token is not None:
         nn.init.normal_(model.cls_token, std=0.02)
+
+
+@dataclass
+class Windows:
+    """Random square windows of patches, several per image (LoMaR).
+
+    Attributes:
+        patch_ids: ``[B, M, K*K]`` row-major patch indices into the image's ``[L]`` patches.
+        offsets: ``[B, M, 2]`` (row, col) of each window's top-left patch.
+        size: K.
+    """
+
+    patch_ids: Tensor
+    offsets: Tensor
+    size: int
+
+
+def sample_windows(
+    batch: int, grid: tuple[int, int], size: int, num_windows: int,
+    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+) -> Windows:
+    """Per image, ``num_windows`` DIFFERENT K x K windows at random offsets inside the patch grid.
+
+    Offsets are drawn without replacement from the ``(gh-K+1) * (gw-K+1)`` possible positions,
+    independently per image; when there are fewer positions than windows, positions repeat
+    (each still uniformly random).
+
+    Args:
+        batch: B.
+        grid: patch grid (rows, cols).
+        size: window side K in patches (<= both grid sides).
+        num_windows: M.
+    """
+    gh, gw = grid
+    if size > gh or size > gw:
+        raise EncoderConfigError(f"window of {size}x{size} patches does not fit a {gh}x{gw} patch grid")
+    rows, cols = gh - size + 1, gw - size + 1
+    positions = rows * cols
+    noise = torch.rand(batch, positions, device=device, generator=generator)
+    if positions >= num_windows:
+        choice = noise.argsort(dim=1)[:, :num_windows]  # distinct positions per image
+    else:
+        choice = torch.randint(positions, (batch, num_windows), device=device, generator=generator)
+    top, left = choice // cols, choice % cols  # [B, M]
+    k = torch.arange(size, device=device)
+    patch_rows = top[..., None, None] + k[:, None]  # [B, M, K, 1]
+    patch_cols = left[..., None, None] + k[None, :]  # [B, M, 1, K]
+    ids = (patch_rows * gw + patch_cols).reshape(batch, num_windows, size * size)
+    return Windows(patch_ids=ids, offsets=torch.stack([top, left], dim=-1), size=size)
+
+
+def random_subset_mask(rows: int, length: int, num_masked: int, device: torch.device | str = "cpu",
+                       generator: torch.Generator | None = None) -> Tensor:
+    """``[rows, length]`` bool mask with exactly ``num_masked`` True per row, uniformly placed."""
+    ranks = torch.rand(rows, length, device=device, generator=generator).argsort(dim=1).argsort(dim=1)
+    return ranks < num_masked

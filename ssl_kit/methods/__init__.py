@@ -1,7 +1,8 @@
 """Methods as LightningModules, and a tiny registry name -> class."""
 from ssl_kit.methods.base import SSLMethod
+from ssl_kit.methods.lomar import LoMaR
 from ssl_kit.methods.mae import MAE
 
-METHODS: dict[str, type[SSLMethod]] = {"mae": MAE}
+METHODS: dict[str, type[SSLMethod]] = {"mae": MAE, "lomar": LoMaR}
 
-__all__ = ["METHODS", "MAE", "SSLMethod"]
+__all__ = ["METHODS", "LoMaR", "MAE", "SSLMethod"]

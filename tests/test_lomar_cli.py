@@ -1,0 +1,59 @@
+"""`ssl-pretrain --recipe lomar` end to end (tiny), resume, and the evaluation commands on its checkpoint."""
+import csv
+import json
+
+import pytest
+import timm
+import torch
+
+from ssl_kit.cli import pretrain_main
+from ssl_kit.eval.cli import finetune_main, knn_main
+
+pytestmark = pytest.mark.slow
+
+TINY_LOMAR = [
+    "--recipe", "lomar",
+    "--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}",
+    "--data.batch_size", "8", "--data.num_workers", "0",
+    "--data.knn_train_size", "200", "--data.knn_test_size", "100",
+    "--trainer.limit_train_batches", "3", "--trainer.log_every_n_steps", "1",
+]
+
+
+def run_cli(run_dir, *extra: str) -> int:
+    return pretrain_main([*TINY_LOMAR, "--run_dir", str(run_dir), *extra])
+
+
+def test_lomar_recipe_runs_and_its_checkpoint_evaluates(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(run, "--trainer.max_epochs", "2") == 0
+    assert f"run folder: {run}" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "pictures").iterdir()) == ["epoch_000.png", "epoch_001.png"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert any(r.get("knn_top1") for r in rows) and any(r.get("train_loss_step") for r in rows)
+    cfg = json.loads((run / "encoder" / "config.json").read_text())
+    enc = timm.create_model(cfg["timm_name"], pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(run / "encoder" / "model.safetensors")), **cfg["kwargs"])
+    assert enc.pos_embed is None and cfg["kwargs"]["rpe_ratio"] == 1.9
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    assert torch.load(ckpt, weights_only=False)["ssl_kit"]["method"] == "LoMaR"
+    knn_out = tmp_path / "knn"
+    assert knn_main(["--ckpt", ckpt, "--data.labels_per_class", "10", "--out", str(knn_out)]) == 0
+    assert 0.2 < json.loads((knn_out / "metrics.json").read_text())["knn_top1"]["20"] <= 1.0
+    ft_out = tmp_path / "ft"
+    assert finetune_main(["--ckpt", ckpt, "--data.labels_per_class", "10", "--data.img_size", "40",
+                          "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2", "--out", str(ft_out)]) == 0
+    assert (ft_out / "metrics.json").is_file()
+
+
+def test_lomar_resume_ends_with_the_same_weights(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(full, "--trainer.max_epochs", "2") == 0
+    assert run_cli(part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
+                   "--trainer.callbacks.epoch", "0") == 0
+    assert run_cli(part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (a["global_step"], b["global_step"]) == (6, 6)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
