@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger
 from ssl_kit.callbacks import EncoderExport, ReconstructionPictures
 from ssl_kit.errors import UserError
 from ssl_kit.eval.knn import KNNMonitor
+from ssl_kit.qscore import QScoreMonitor, QScoreRegularizer
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.runtime import tune_cpu_allocator
 
@@ -88,6 +89,10 @@ class PretrainCLI(LightningCLI):
         parser.add_argument("--run_dir", type=str | None, default=None, help="Output folder (default runs/RECIPE/TIME).")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
         parser.add_argument("--knn_every_n_epochs", type=int, default=1, help="k-NN monitor frequency (0 = off).")
+        parser.add_argument("--qscore", type=bool, default=False,
+                            help="Add the Q-score regulariser (lambda 1e-4, 1e-4) and the Q-score/sparsity monitor.")
+        parser.add_argument("--init_weights", type=str | None, default=None,
+                            help="Start from the weights of this ssl_kit checkpoint (fresh optimizer and schedule).")
         parser.link_arguments("data.img_size", "model.init_args.img_size", apply_on="instantiate")
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
 
@@ -129,6 +134,8 @@ class PretrainCLI(LightningCLI):
         if hasattr(self.model, "reconstruction_panels"):
             callbacks.append(ReconstructionPictures(run_dir / "pictures"))
         callbacks.append(EncoderExport(run_dir / "encoder"))
+        if self.config.get("qscore"):
+            callbacks += [QScoreRegularizer(), QScoreMonitor(run_dir / "pictures")]
         for extra in self.model.default_callbacks() if hasattr(self.model, "default_callbacks") else []:
             callbacks.append(extra)
         logger = self.config_init["trainer"].get("logger")
@@ -136,6 +143,21 @@ class PretrainCLI(LightningCLI):
             logger = CSVLogger(save_dir=str(run_dir), name="", version="")
         kwargs.update(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
         return super().instantiate_trainer(**kwargs)
+
+
+def load_initial_weights(model: pl.LightningModule, path: Path) -> None:
+    """Copy the weights of a checkpoint of the same method and architecture into ``model``."""
+    if not path.is_file():
+        raise UserError(f"--init_weights {path}: no such checkpoint.")
+    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise UserError(
+            f"--init_weights {path} does not match this recipe's model (same method and encoder sizes needed): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+    logging.getLogger("ssl_kit").info("initial weights from %s", path)
 
 
 def find_user_error(err: BaseException) -> UserError | None:
@@ -177,6 +199,8 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "ssl-pretrain", "default_env": False},
         )
+        if cli.config.get("init_weights"):
+            load_initial_weights(cli.model, Path(cli.config["init_weights"]))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     except Exception as err:  # a UserError, possibly wrapped by jsonargparse while instantiating classes
         user_error = find_user_error(err)

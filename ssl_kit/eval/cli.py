@@ -122,6 +122,15 @@ def extract_split_features(model: torch.nn.Module, data: ClassificationDataModul
     return train_f, train_y, val_f, val_y
 
 
+def cached_feature_loaders(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                           data: ClassificationDataModule) -> tuple[DataLoader, DataLoader]:
+    """Loaders over extracted features: seeded shuffled train batches, large val batches."""
+    train_set = TensorDataset(train_f, train_y)
+    train_loader = DataLoader(train_set, batch_size=data.batch_size, sampler=EpochSeededRandomSampler(train_set, data.seed),
+                              drop_last=len(train_set) > data.batch_size)
+    return train_loader, DataLoader(TensorDataset(val_f, val_y), batch_size=1024)
+
+
 # ---------------------------------------------------------------------------------------- k-NN
 def knn_body(argv: list[str]) -> dict[str, Any]:
     parser = base_parser("ssl-knn", "Weighted k-NN top-1 on L2-normalised frozen features.", with_trainer=False)
@@ -212,10 +221,7 @@ def linear_probe_body(argv: list[str]) -> dict[str, Any]:
               base_lr=cfg.base_lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, batch_size=data.batch_size)
     if cfg.cached_features:
         train_f, train_y, val_f, val_y = extract_split_features(model, data, cfg.feature, cfg.last_n, device_of(cfg))
-        train_set = TensorDataset(train_f, train_y)
-        train_loader = DataLoader(train_set, batch_size=data.batch_size, sampler=EpochSeededRandomSampler(train_set, data.seed),
-                                  drop_last=len(train_set) > data.batch_size)
-        val_loader = DataLoader(TensorDataset(val_f, val_y), batch_size=1024)
+        train_loader, val_loader = cached_feature_loaders(train_f, train_y, val_f, val_y, data)
         module = LinearProbe(None, **hp)
         fit = lambda trainer: trainer.fit(module, train_loader, val_loader)  # noqa: E731
     else:

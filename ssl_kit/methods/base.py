@@ -7,11 +7,15 @@ file. What the shared callbacks (k-NN monitor, export, pictures, EMA) rely on is
 * ``self.encoder_spec``: how to rebuild it with plain timm;
 * ``embed(images) -> [B, D]``: features for the k-NN monitor and evaluation;
 * optionally ``ema_pairs()`` for :class:`ssl_kit.teacher.EMATeacher`.
+
+Extra loss terms (e.g. the Q-score regulariser) are attached from outside with
+:meth:`SSLMethod.add_loss_term`; they are added to whatever loss the method's ``training_step``
+returns, right before backward, so no method has to know about them.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -30,6 +34,40 @@ class SSLMethod(pl.LightningModule):
 
     encoder: VisionTransformer
     encoder_spec: EncoderSpec
+
+    def add_loss_term(self, name: str, term: Callable[[], Tensor | None]) -> None:
+        """Add ``term()`` (a scalar with gradient, or None to skip) to every training loss before backward.
+
+        Used by callbacks such as :class:`ssl_kit.qscore.QScoreRegularizer`; the term is divided by
+        ``accumulate_grad_batches`` and scaled by the fp16 grad scaler exactly like the method's loss.
+        """
+        self.__dict__.setdefault("_loss_terms", {})[name] = term
+
+    def remove_loss_term(self, name: str) -> None:
+        self.__dict__.get("_loss_terms", {}).pop(name, None)
+
+    def extra_loss(self) -> Tensor | None:
+        """Sum of the attached loss terms for the current step (None when there are none)."""
+        values = [v for v in (t() for t in self.__dict__.get("_loss_terms", {}).values()) if v is not None]
+        if not values:
+            return None
+        total = torch.stack([v.reshape(()) for v in values]).sum()
+        self.check_finite(total)
+        return total
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward, with the attached loss terms added to the (already accumulation-
+        divided and, under fp16, scaled) loss."""
+        extra = self.extra_loss()
+        if extra is not None:
+            trainer = self._trainer
+            if trainer is not None:
+                extra = extra / trainer.accumulate_grad_batches
+                scaler = getattr(trainer.precision_plugin, "scaler", None)
+                if scaler is not None:
+                    extra = scaler.scale(extra)
+            loss = loss + extra
+        super().backward(loss, *args, **kwargs)
 
     def make_encoder_spec(
         self, encoder: str, img_size: int, patch_size: int, in_chans: int, encoder_kwargs: dict[str, Any] | None

@@ -1,0 +1,124 @@
+"""Q-score (METHODS.md section 8): score values, regulariser gradients, attachment to any method, commands."""
+import csv
+import json
+
+import pytest
+import torch
+
+from ssl_kit.losses.qscore import qscore, qscore_regularizer, sparsity
+from ssl_kit.methods import LoMaR, MAE
+from ssl_kit.qscore import QScoreRegularizer
+
+
+def test_hand_values_population_and_unbiased_sigma():
+    h = torch.tensor([[4.0, 0.0, 0.0, 0.0]])
+    # mu 1, population sigma sqrt(3): Z = 3 / 1.732 = 1.732, / L1 4 = 0.433; unbiased sigma 2: 1.5 / 4 = 0.375
+    assert qscore(h).item() == pytest.approx(0.4330, abs=1e-4)
+    assert qscore(h, unbiased=True).item() == pytest.approx(0.375, abs=1e-4)
+
+
+def test_constant_and_zero_vectors_are_finite():
+    q = qscore(torch.tensor([[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]]))
+    assert torch.isfinite(q).all() and q.abs().max() == 0
+    grad_input = torch.full((2, 3), 1.5, requires_grad=True)
+    qscore_regularizer(grad_input).backward()
+    assert torch.isfinite(grad_input.grad).all()
+
+
+def test_regularizer_value_by_hand():
+    h = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 2.0, 0.0]])
+    q = qscore(h)  # second sample: mu 1, sigma sqrt(0.5), Z 1.414, L1 4 -> 0.354 (< mean 0.393)
+    cols = h.abs().sum(0)  # [5, 1, 2, 0], mean 2 -> only column 0 is above
+    expected = -1e-4 * q[1] + 1e-4 * 5.0
+    assert qscore_regularizer(h).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert cols.tolist() == [5.0, 1.0, 2.0, 0.0]
+
+
+def test_sample_term_gradient_is_zero_for_samples_at_or_above_mean_q():
+    torch.manual_seed(0)
+    h = torch.randn(16, 32).requires_grad_(True)
+    qscore_regularizer(h, lambda1=1.0, lambda2=0.0).backward()
+    q = qscore(h.detach())
+    high = q >= q.mean()
+    assert h.grad[high].abs().max() == 0 and h.grad[~high].abs().max() > 0
+
+
+def test_column_term_gradient_is_zero_for_columns_at_or_below_mean_l1():
+    torch.manual_seed(1)
+    h = torch.randn(16, 32).requires_grad_(True)
+    qscore_regularizer(h, lambda1=0.0, lambda2=1.0).backward()
+    cols = h.detach().abs().sum(0)
+    quiet = cols <= cols.mean()
+    assert h.grad[:, quiet].abs().max() == 0 and h.grad[:, ~quiet].abs().max() > 0
+
+
+def test_sparsity_counts_small_entries():
+    assert sparsity(torch.tensor([[0.0, 0.01, 0.2, -0.03]]), eta=0.05).item() == pytest.approx(0.75)
+
+
+class FakeTrainer:
+    accumulate_grad_batches = 2
+    precision_plugin = object()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MAE(encoder="tiny", encoder_kwargs=dict(depth=2, embed_dim=64, num_heads=2), img_size=32, patch_size=4,
+                in_chans=1, decoder_dim=32, decoder_depth=1, decoder_heads=2),
+    lambda: LoMaR(encoder="tiny", encoder_kwargs=dict(depth=2, embed_dim=64, num_heads=2), img_size=32, patch_size=4,
+                  in_chans=1, num_windows=2),
+], ids=["mae", "lomar"])
+def test_enabling_it_adds_exactly_the_regulariser_to_any_method(make, monkeypatch):
+    torch.manual_seed(0)
+    model = make().train()
+    reg = QScoreRegularizer(lambda1=1e-2, lambda2=1e-2)
+    reg.setup(None, model, "fit")
+    captured = {}
+    model.encoder.norm.register_forward_hook(lambda m, a, out: captured.update(cls=out[:, 0]) and None)
+    images = torch.randn(4, 1, 32, 32)
+    reg.on_train_batch_start(None, model, None, 0)
+    out = model(images)
+    loss = out[0] if isinstance(out, tuple) else out.loss
+    seen = []
+    model._trainer = FakeTrainer()
+    monkeypatch.setattr("pytorch_lightning.LightningModule.backward", lambda self, l, *a, **k: seen.append(l))
+    model.backward(loss)
+    expected = loss + qscore_regularizer(captured["cls"], 1e-2, 1e-2) / 2  # divided by gradient accumulation
+    assert seen[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert seen[0].item() != pytest.approx(loss.item(), rel=1e-9)
+    n_seq = 4 if isinstance(model, MAE) else 8  # LoMaR: every window sequence's [CLS]
+    assert captured["cls"].shape == (n_seq, 64)
+    reg.teardown(None, model, "fit")
+    model.backward(loss)
+    assert seen[1] is loss and model.extra_loss() is None  # detached: the method's loss is untouched
+
+
+@pytest.mark.slow
+def test_pretrain_with_qscore_then_score_a_data_set(tmp_path, capsys):
+    from cli_helpers import TINY_ARGS
+    from ssl_kit.cli import pretrain_main
+    from ssl_kit.eval.qscore_cli import qscore_main
+
+    base = tmp_path / "base"
+    assert pretrain_main([*TINY_ARGS, "--run_dir", str(base), "--trainer.max_epochs", "1"]) == 0
+    run = tmp_path / "reg"
+    assert pretrain_main([*TINY_ARGS, "--run_dir", str(run), "--trainer.max_epochs", "1", "--qscore", "true",
+                          "--init_weights", str(base / "checkpoints" / "last.ckpt")]) == 0
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert any(r.get("qscore_reg_step") for r in rows) and any(r.get("qscore_mean") for r in rows)
+    assert any(r.get("sparsity") for r in rows)
+    assert (run / "pictures" / "qscore_epoch_000.png").is_file()
+    assert pretrain_main([*TINY_ARGS, "--run_dir", str(tmp_path / "bad"), "--init_weights", str(tmp_path / "nope.ckpt")]) == 2
+    assert "--init_weights" in capsys.readouterr().err
+
+    out = tmp_path / "scores"
+    assert qscore_main(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data.labels_per_class", "10",
+                        "--trainer.max_epochs", "5", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_scored"] == 10000 and 0.0 <= metrics["auroc"] <= 1.0 and 0.1 < metrics["probe_top1"] <= 1.0
+    assert 0 < metrics["auprc_wrong"] <= 1 and metrics["wrong_rate"] == pytest.approx(1 - metrics["probe_top1"])
+    table = list(csv.DictReader(open(out / "qscores.csv")))
+    assert len(table) == 10000 and sorted(int(r["rank"]) for r in table) == list(range(1, 10001))
+    lowest = min(table, key=lambda r: float(r["qscore"]))
+    assert lowest["rank"] == "1"
+    assert (out / "lowest_q.png").is_file() and (out / "qscore_hist.png").is_file()
+    assert "AUROC" in capsys.readouterr().out
