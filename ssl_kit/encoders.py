@@ -8,6 +8,7 @@ Notation: B batch, L number of patches, D embed dim, p patch size, C channels.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -353,3 +354,52 @@ def random_subset_mask(rows: int, length: int, num_masked: int, device: torch.de
     """``[rows, length]`` bool mask with exactly ``num_masked`` True per row, uniformly placed."""
     ranks = torch.rand(rows, length, device=device, generator=generator).argsort(dim=1).argsort(dim=1)
     return ranks < num_masked
+
+
+def random_count_mask(grid: tuple[int, int], num_masked: int, generator: torch.Generator | None = None) -> Tensor:
+    """``[gh, gw]`` bool mask with exactly ``num_masked`` True cells, uniformly placed."""
+    gh, gw = grid
+    mask = torch.zeros(gh * gw, dtype=torch.bool)
+    mask[torch.randperm(gh * gw, generator=generator)[:num_masked]] = True
+    return mask.view(gh, gw)
+
+
+def block_mask(grid: tuple[int, int], num_masked: int, min_block: int = 16, max_aspect: float = 1 / 0.3,
+               attempts: int = 10, generator: torch.Generator | None = None) -> Tensor:
+    """BEiT block-wise masking: rectangles until about ``num_masked`` cells are masked, never more.
+
+    Each block has area ~ U(min_block, remaining budget) and aspect ratio log-uniform in
+    ``(1/max_aspect, max_aspect)``; up to ``attempts`` tries per block; a block only counts the
+    cells it newly masks, and is rejected if that would exceed ``num_masked``.
+
+    Returns:
+        ``[gh, gw]`` bool mask with at most ``num_masked`` True cells.
+    """
+    gh, gw = grid
+    mask = torch.zeros(gh, gw, dtype=torch.bool)
+    log_aspect = (math.log(1 / max_aspect), math.log(max_aspect))
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    count = 0
+    while count < num_masked:
+        budget = num_masked - count
+        added = 0
+        for _ in range(attempts):
+            area = uniform(min(min_block, budget), budget)
+            aspect = math.exp(uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if not (0 < h < gh and 0 < w < gw):
+                continue
+            top = int(torch.randint(0, gh - h + 1, (), generator=generator))
+            left = int(torch.randint(0, gw - w + 1, (), generator=generator))
+            new = int((~mask[top : top + h, left : left + w]).sum())
+            if 0 < new <= budget:
+                mask[top : top + h, left : left + w] = True
+                added = new
+                break
+        if added == 0:
+            break
+        count += added
+    return mask

@@ -1,4 +1,4 @@
 """Data modules, readers and device-side augmentation."""
-from ssl_kit.data.module import PretrainDataModule
+from ssl_kit.data.module import MultiCropDataModule, PretrainDataModule
 
-__all__ = ["PretrainDataModule"]
+__all__ = ["MultiCropDataModule", "PretrainDataModule"]

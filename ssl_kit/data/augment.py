@@ -1,6 +1,7 @@
 """Batched augmentation on the device with kornia: uint8 in, normalised float out."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import kornia.augmentation as K
@@ -66,3 +67,59 @@ class EvalTransform(nn.Module):
         elif (h, w) != (self.img_size, self.img_size):
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False).clamp_(0, 1)
         return (x - self.mean) / self.std
+
+
+class MultiCropAugment(nn.Module):
+    """DINO/iBOT multi-crop on the device: 2 global + n local views of every image in the batch.
+
+    Per view: RandomResizedCrop (bicubic), flip, colour jitter (p 0.8; brightness/contrast only on
+    grayscale data), grayscale (p 0.2, colour data), Gaussian blur (p 1.0 / 0.1 for the two global
+    views, 0.5 for local ones; sigma (0.1, 2.0) scaled by size / 224), solarisation (p 0.2, second
+    global view), then normalisation.
+
+    Args:
+        global_size: side of the global views (the model's img_size).
+        local_size: side of the local views.
+        num_local: n local views (0 allowed).
+        mean, std: normalisation.
+        global_scale: area range of global crops (iBOT 0.25-1; DINO 0.14-1).
+        local_scale: area range of local crops (0.05-0.25).
+        color_jitter: jitter strength for brightness/contrast (saturation 0.5x, hue 0.25x on colour data).
+    """
+
+    def __init__(self, global_size: int, local_size: int, num_local: int, mean: Sequence[float], std: Sequence[float],
+                 global_scale: tuple[float, float] = (0.25, 1.0), local_scale: tuple[float, float] = (0.05, 0.25),
+                 color_jitter: float = 0.4) -> None:
+        super().__init__()
+        self.colour = len(mean) == 3
+        self.global_views = nn.ModuleList([
+            self._view(global_size, global_scale, color_jitter, blur_p=1.0, solarize_p=0.0),
+            self._view(global_size, global_scale, color_jitter, blur_p=0.1, solarize_p=0.2),
+        ])
+        self.local_views = nn.ModuleList([
+            self._view(local_size, local_scale, color_jitter, blur_p=0.5, solarize_p=0.0) for _ in range(num_local)
+        ])
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def _view(self, size: int, scale: tuple[float, float], jitter: float, blur_p: float,
+              solarize_p: float) -> K.AugmentationSequential:
+        ops: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC"),
+                                K.RandomHorizontalFlip()]
+        if jitter > 0:
+            sat, hue = (jitter / 2, jitter / 4) if self.colour else (0.0, 0.0)
+            ops.append(K.ColorJitter(jitter, jitter, sat, hue, p=0.8))
+        if self.colour:
+            ops.append(K.RandomGrayscale(p=0.2))
+        if blur_p > 0:
+            sigma = (0.1 * size / 224, 2.0 * size / 224)
+            ops.append(K.RandomGaussianBlur(max(3, 2 * math.ceil(3 * sigma[1]) + 1), sigma, p=blur_p))
+        if solarize_p > 0:
+            ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_p))
+        return K.AugmentationSequential(*ops)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """``[B, C, h, w]`` uint8 -> [2 global ``[B, C, G, G]``] + [n local ``[B, C, l, l]``] normalised views."""
+        x = images.float().div_(255.0)
+        views = [view(x).clamp_(0.0, 1.0) for view in [*self.global_views, *self.local_views]]
+        return [(v - self.mean) / self.std for v in views]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-from ssl_kit.data.augment import EvalTransform, TrainAugment
+from ssl_kit.data.augment import EvalTransform, MultiCropAugment, TrainAugment
 from ssl_kit.data.splits import Splits, channel_stats, load_splits, resolve_source
 from ssl_kit.errors import UserError
 
@@ -214,3 +214,26 @@ class PretrainDataModule(ImageDataModule):
     def eval_images(self, images: Tensor) -> Tensor:
         """Deterministic view of uint8 images for monitors and pictures."""
         return self.eval_transform.to(images.device)(images)
+
+
+class MultiCropDataModule(PretrainDataModule):
+    """:class:`PretrainDataModule` whose training batches are multi-crop views (iBOT, DINO).
+
+    Training batches become ``(views, labels)`` with ``views`` = 2 global ``[B, C, img_size, img_size]``
+    + ``num_local`` local ``[B, C, local_size, local_size]`` tensors (see :class:`MultiCropAugment`).
+
+    Args:
+        local_size: side of the local crops (96 for 224 px data; 16 for 32 px).
+        num_local: local crops per image (10 in iBOT).
+        global_scale: global crop area range.
+        local_scale: local crop area range.
+        color_jitter: jitter strength.
+        **kwargs: :class:`PretrainDataModule` arguments (root, img_size, batch_size, k-NN sizes, ...).
+    """
+
+    def __init__(self, local_size: int = 16, num_local: int = 4, global_scale: tuple[float, float] = (0.25, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.25), color_jitter: float = 0.4, **kwargs: Any) -> None:
+        super().__init__(color_jitter=color_jitter, **kwargs)
+        self.local_size, self.num_local = local_size, num_local
+        self.train_augment = MultiCropAugment(self.img_size, local_size, num_local, self.mean, self.std,
+                                              tuple(global_scale), tuple(local_scale), color_jitter)
