@@ -1,15 +1,15 @@
-"""Representation quality of the default MAE recipe on Fashion-MNIST (k-NN top-1, full splits).
+"""Representation quality of a default recipe on Fashion-MNIST (k-NN top-1, full splits).
 
 Compares, with the same weighted k-NN (k = 20, T = 0.07, L2-normalised features, all 60k training
 images as memory, all 10k test images scored):
-  * the encoder exported by a run of ``ssl-pretrain --recipe mae`` (timed, wall clock),
-  * the same encoder architecture at random (MAE-style) initialisation,
+  * the encoder exported by a run of ``ssl-pretrain --recipe NAME`` (timed, wall clock),
+  * the same encoder architecture at the method's random initialisation,
   * raw pixels (the normalised 32 x 32 input, flattened).
 
 Usage (2 CPU cores; about 10 min of pretraining plus ~4 min of feature extraction):
-    python benchmarks/mae_knn.py                       # runs the default recipe, then evaluates
-    python benchmarks/mae_knn.py --encoder runs/mae/TIME/encoder   # evaluate an existing export
-Writes benchmarks/results/mae_knn.json (or --result NAME).
+    python benchmarks/pretrain_knn.py --recipe mae         # runs the default recipe, then evaluates
+    python benchmarks/pretrain_knn.py --encoder runs/mae/TIME/encoder   # evaluate an existing export
+Writes benchmarks/results/RECIPE_knn.json (or --result NAME).
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from eval_fmnist import cached_probe  # same folder
 from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.eval.knn import extract_features, weighted_knn
 from ssl_kit.export import load_exported_encoder
-from ssl_kit.methods import MAE
+from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,26 +44,43 @@ def features(model: torch.nn.Module, images: torch.Tensor, transform: EvalTransf
     return extract_features(model, loader, transform, torch.device("cpu"))[0]
 
 
+def random_init_encoder(config: dict) -> torch.nn.Module:
+    """The exported architecture at the method's own initialisation (MAE / LoMaR: MAE-style init,
+    MAE with its fixed sin-cos table; iBOT: timm's default init with a learned position embedding)."""
+    spec = EncoderSpec(config["timm_name"], dict(config["kwargs"]))
+    mae_style = config.get("method") in ("MAE", "LoMaR")
+    model = build_encoder(spec, sincos_pos_embed=mae_style)
+    if mae_style:
+        init_vit_mae_style(model)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", help="existing export folder; skips pretraining")
-    parser.add_argument("--run_dir", default="runs/bench_mae_knn")
-    parser.add_argument("--result", default="mae_knn.json")
+    parser.add_argument("--recipe", default="mae")
+    parser.add_argument("--run_dir", default=None, help="default runs/bench_RECIPE_knn")
+    parser.add_argument("--result", default=None, help="default RECIPE_knn.json")
+    parser.add_argument("--linear", action="store_true",
+                        help="also a linear probe on the same cached features (LARS, 90 epochs, as eval_fmnist.py; "
+                             "raw pixels' probe is in eval_fmnist.json)")
     parser.add_argument("--skip_random_init", action="store_true", help="only the pretrained encoder and raw pixels")
     parser.add_argument("overrides", nargs="*", help="extra ssl-pretrain overrides (after --)")
     args = parser.parse_args()
+    args.run_dir = args.run_dir or f"runs/bench_{args.recipe}_knn"
+    args.result = args.result or f"{args.recipe}_knn.json"
     torch.set_num_threads(2)
     result: dict[str, object] = {"protocol": "weighted k-NN k=20 T=0.07, 60k train memory, 10k test, 32 px"}
     encoder_dir = Path(args.encoder) if args.encoder else Path(args.run_dir) / "encoder"
     if not args.encoder:
-        cmd = ["ssl-pretrain", "--recipe", "mae", "--run_dir", args.run_dir, *args.overrides]
+        cmd = ["ssl-pretrain", "--recipe", args.recipe, "--run_dir", args.run_dir, *args.overrides]
         start = time.perf_counter()
         subprocess.run(cmd, check=True)
         result["pretrain_wall_s"] = round(time.perf_counter() - start, 1)
         result["pretrain_command"] = " ".join(cmd)
         resolved = (Path(args.run_dir) / "config.yaml").read_text()  # the recipe as it ran
         result["pretrain_config"] = {line.split(":")[0].strip(): line.split(":", 1)[1].strip()
-                                     for line in resolved.splitlines() if line.strip().startswith(("base_lr", "max_epochs", "limit_train_batches"))}
+                                     for line in resolved.splitlines() if line.strip().startswith(("base_lr", "max_epochs", "limit_train_batches", "batch_size"))}
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     transform = EvalTransform(32, MEAN, STD)
@@ -76,17 +94,15 @@ def main() -> None:
     pretrained = load_exported_encoder(encoder_dir)
     config = json.loads((encoder_dir / "config.json").read_text())
     kwargs = config["kwargs"]
-    random_init = MAE(
-        encoder=config["timm_name"], img_size=kwargs["img_size"], patch_size=kwargs["patch_size"],
-        in_chans=kwargs["in_chans"],
-        encoder_kwargs={k: kwargs[k] for k in ("embed_dim", "depth", "num_heads")},
-    ).encoder
+    random_init = random_init_encoder(config)
     models = [("pretrained", pretrained)] + ([] if args.skip_random_init else [("random_init", random_init)])
     for name, model in models:
         start = time.perf_counter()
         tr, te = features(model, train_x, transform), features(model, test_x, transform)
         result[f"{name}_knn_top1"] = knn_top1(tr, train_y, te, test_y)
         result[f"{name}_extract_s"] = round(time.perf_counter() - start, 1)
+        if args.linear:
+            result[f"{name}_linear_cached_top1"] = cached_probe(tr, train_y, te, test_y)
         print(f"{name}: {result[f'{name}_knn_top1']:.4f}", flush=True)
     result["encoder"] = str(encoder_dir)
     result["encoder_config"] = config
