@@ -1,6 +1,5 @@
 """LoMaR (METHODS.md section 2): windows, masking, relative positions, loss, export, CLI."""
 import json
-import logging
 import math
 
 import pytest
@@ -172,11 +171,10 @@ def test_permuting_window_tokens_changes_attention_only_through_rpe():
         assert (attn(x)[:, perm] - attn(x[:, perm])).abs().max() > 1e-2
 
 
-def test_window_larger_than_grid_is_clamped_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="ssl_kit"):
-        model = tiny_lomar(img_size=16)  # 4 x 4 patch grid
+def test_window_larger_than_grid_is_clamped_with_a_warning(ssl_caplog):
+    model = tiny_lomar(img_size=16)  # 4 x 4 patch grid
     assert model.window_size == 4 and model.num_masked == int(16 * 0.8)
-    assert "does not fit the 4x4 patch grid" in caplog.text and "--model.window_size 4" in caplog.text
+    assert "does not fit the 4x4 patch grid" in ssl_caplog.text and "--model.window_size 4" in ssl_caplog.text
     assert model(torch.randn(2, 1, 16, 16)).mask.shape == (8, 16)
 
 
