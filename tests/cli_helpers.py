@@ -33,3 +33,15 @@ class PoisonWeightsAtEpoch(pl.Callback):
         if trainer.current_epoch == self.epoch:
             with torch.no_grad():
                 pl_module.decoder.pred.weight.fill_(float("nan"))
+
+
+def assert_same_final_state(full_ckpt, resumed_ckpt, steps: int) -> tuple[dict, dict]:
+    """An uninterrupted and an interrupted-then-resumed run end at the same step with identical weights
+    (students, teachers, centers: every state_dict entry). Returns both checkpoints."""
+    a = torch.load(full_ckpt, weights_only=False)
+    b = torch.load(resumed_ckpt, weights_only=False)
+    assert (a["global_step"], b["global_step"]) == (steps, steps)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    return a, b

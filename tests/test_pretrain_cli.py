@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from cli_helpers import TINY_ARGS
+from cli_helpers import TINY_ARGS, assert_same_final_state
 from ssl_kit.cli import pretrain_main
 
 pytestmark = pytest.mark.slow
@@ -47,11 +47,7 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     interrupted = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     assert interrupted["global_step"] == 3
     assert run_cli(part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
-    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
-    assert (a["global_step"], b["global_step"]) == (6, 6)
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
+    a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
     opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6

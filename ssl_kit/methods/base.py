@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ssl_kit.encoders import EncoderSpec, resolve_encoder_spec
 from ssl_kit.errors import NonFiniteLossError
+from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 
 
 CHECKPOINT_KEY = "ssl_kit"
@@ -68,6 +69,15 @@ class SSLMethod(pl.LightningModule):
                     extra = scaler.scale(extra)
             loss = loss + extra
         super().backward(loss, *args, **kwargs)
+
+    def adamw_warmup_cosine(self, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+        """AdamW with no weight decay on biases / 1-D params, lr = base_lr * effective batch / 256, per-step
+        warmup + cosine, from the method's ``base_lr``, ``weight_decay``, ``warmup_epochs``, ``betas``, ``min_lr``."""
+        hp = self.hparams
+        groups = adamw_param_groups(modules, hp.weight_decay)
+        batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule is not None else 1
+        return adamw_warmup_cosine(self, groups, hp.base_lr, batch_size, hp.warmup_epochs, betas=tuple(hp.betas),
+                                   min_lr=hp.min_lr)
 
     def make_encoder_spec(
         self, encoder: str, img_size: int, patch_size: int, in_chans: int, encoder_kwargs: dict[str, Any] | None

@@ -11,7 +11,7 @@ from ssl_kit.encoders import EncoderSpec, block_mask, build_encoder, random_coun
 from ssl_kit.heads.projection import IBOTHead
 from ssl_kit.losses.distillation import IBOTLoss
 from ssl_kit.methods.base import SSLMethod
-from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine, cosine_schedule
+from ssl_kit.optim import cosine_schedule
 from ssl_kit.teacher import make_teacher
 
 
@@ -215,11 +215,8 @@ class IBOT(SSLMethod):
                 p.grad = None
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = adamw_param_groups({"encoder": self.encoder, "head": self.head,
-                                     "mask": nn.ParameterList([self.mask_token])}, self.hparams.weight_decay)
-        batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule is not None else 1
-        return adamw_warmup_cosine(self, groups, self.hparams.base_lr, batch_size, self.hparams.warmup_epochs,
-                                   betas=tuple(self.hparams.betas), min_lr=self.hparams.min_lr)
+        return self.adamw_warmup_cosine({"encoder": self.encoder, "head": self.head,
+                                         "mask": nn.ParameterList([self.mask_token])})
 
     @torch.no_grad()
     def reconstruction_panels(self, images: Tensor) -> dict[str, Tensor]:

@@ -21,7 +21,6 @@ from ssl_kit.encoders import (
 )
 from ssl_kit.losses.reconstruction import masked_mse_loss
 from ssl_kit.methods.base import SSLMethod
-from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 from ssl_kit.rpe import DEFAULT_RATIO, irpe_spec
 
 log = logging.getLogger("ssl_kit")
@@ -184,12 +183,7 @@ class LoMaR(SSLMethod):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = adamw_param_groups({"lomar": self}, self.hparams.weight_decay)
-        batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule is not None else 1
-        return adamw_warmup_cosine(
-            self, groups, self.hparams.base_lr, batch_size, self.hparams.warmup_epochs,
-            betas=tuple(self.hparams.betas), min_lr=self.hparams.min_lr,
-        )
+        return self.adamw_warmup_cosine({"lomar": self})
 
     @torch.no_grad()
     def reconstruction_panels(self, images: Tensor) -> dict[str, Tensor]:

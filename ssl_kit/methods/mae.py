@@ -19,7 +19,6 @@ from ssl_kit.encoders import (
 from ssl_kit.heads.mae_decoder import MAEDecoder
 from ssl_kit.losses.reconstruction import masked_mse_loss
 from ssl_kit.methods.base import SSLMethod
-from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 
 
 class MAE(SSLMethod):
@@ -131,12 +130,7 @@ class MAE(SSLMethod):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = adamw_param_groups({"encoder": self.encoder, "decoder": self.decoder}, self.hparams.weight_decay)
-        batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule is not None else 1
-        return adamw_warmup_cosine(
-            self, groups, self.hparams.base_lr, batch_size, self.hparams.warmup_epochs,
-            betas=tuple(self.hparams.betas), min_lr=self.hparams.min_lr,
-        )
+        return self.adamw_warmup_cosine({"encoder": self.encoder, "decoder": self.decoder})
 
     @torch.no_grad()
     def reconstruction_panels(self, images: Tensor) -> dict[str, Tensor]:
