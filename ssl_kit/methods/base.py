@@ -120,6 +120,12 @@ class SSLMethod(pl.LightningModule):
         """
         return self.export_module()(images)
 
+    def report_loss(self, loss: Tensor, batch_size: int) -> Tensor:
+        """Stop on a non-finite loss, log it as ``train_loss`` (step and epoch), and return it."""
+        self.check_finite(loss)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        return loss
+
     def check_finite(self, loss: Tensor) -> None:
         """Stop the run with a clear message when the loss is NaN or infinite (before backward)."""
         value = float(loss.detach())

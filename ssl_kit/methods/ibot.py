@@ -191,13 +191,12 @@ class IBOT(SSLMethod):
     def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
         views = batch[0]
         out = self(views)
-        self.check_finite(out["loss"])
-        self.criterion.update_centers(out["teacher_cls"], out["teacher_patch"])  # after the loss
         b = views[0].shape[0]
-        self.log("train_loss", out["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=b)
+        loss = self.report_loss(out["loss"], b)
+        self.criterion.update_centers(out["teacher_cls"], out["teacher_patch"])  # after the loss
         self.log_dict({"cls_loss": out["cls_loss"], "patch_loss": out["patch_loss"]}, on_step=True, on_epoch=True,
                       batch_size=b)
-        return out["loss"]
+        return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Per-step cosine weight decay (0.04 -> 0.4) on the decayed groups."""

@@ -177,10 +177,7 @@ class LoMaR(SSLMethod):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]
-        loss = self(images).loss
-        self.check_finite(loss)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
-        return loss
+        return self.report_loss(self(images).loss, images.shape[0])
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.adamw_warmup_cosine({"lomar": self})
