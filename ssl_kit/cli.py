@@ -18,6 +18,7 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_kit.callbacks import EncoderExport, ReconstructionPictures
 from ssl_kit.errors import UserError
@@ -113,6 +114,9 @@ class PretrainCLI(LightningCLI):
         has_labels = getattr(dm, "has_labels", False)
         knn_every = int(self.config.get("knn_every_n_epochs", 1))
         monitor = ("knn_top1", "max") if has_labels and knn_every > 0 else ("train_loss_epoch", "min")
+        monitor = getattr(self.model, "checkpoint_monitor", monitor)  # classifiers follow their val_top1
+        if hasattr(dm, "save_subset"):
+            save_labeled_subset(dm, run_dir)
         self.checkpoint = ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best-epoch{epoch:03d}-" + monitor[0].split("_")[0] + "{" + monitor[0] + ":.4f}",
@@ -143,6 +147,13 @@ class PretrainCLI(LightningCLI):
             logger = CSVLogger(save_dir=str(run_dir), name="", version="")
         kwargs.update(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
         return super().instantiate_trainer(**kwargs)
+
+
+@rank_zero_only
+def save_labeled_subset(dm: pl.LightningDataModule, run_dir: Path) -> None:
+    """Write the data module's labeled subset (few-label runs) into the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dm.save_subset(run_dir / "labeled_subset.json")
 
 
 def load_initial_weights(model: pl.LightningModule, path: Path) -> None:

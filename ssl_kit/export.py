@@ -3,8 +3,8 @@
 Load with::
 
     cfg = json.load(open("encoder/config.json"))
-    model = timm.create_model(cfg["timm_name"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file="encoder/model.safetensors"), **cfg["kwargs"])
+    model = timm.create_model(cfg["timm_name"], pretrained=True, **cfg["kwargs"], pretrained_cfg_overlay=dict(
+        file="encoder/model.safetensors", num_classes=cfg["kwargs"]["num_classes"]))  # keeps a saved head
 
 or :func:`load_exported_encoder`.
 """
@@ -60,6 +60,6 @@ def load_exported_encoder(path: str | Path, **overrides: Any) -> nn.Module:
         raise UserError(f"{folder} is not an ssl_kit encoder export (needs {CONFIG} and {WEIGHTS}).")
     config = json.loads((folder / CONFIG).read_text())
     kwargs = dict(config["kwargs"], **overrides)
-    return timm.create_model(
-        config["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(folder / WEIGHTS)), **kwargs
-    )
+    # the overlay's num_classes is the SAVED head size: timm keeps a saved classifier head only when it matches
+    overlay = dict(file=str(folder / WEIGHTS), num_classes=config["kwargs"].get("num_classes", 0))
+    return timm.create_model(config["timm_name"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)

@@ -1,4 +1,5 @@
 """Data modules, readers and device-side augmentation."""
 from ssl_kit.data.module import MultiCropDataModule, PretrainDataModule
+from ssl_kit.data.semi import SemiSupervisedDataModule
 
-__all__ = ["MultiCropDataModule", "PretrainDataModule"]
+__all__ = ["MultiCropDataModule", "PretrainDataModule", "SemiSupervisedDataModule"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from ssl_kit.data.augment import TrainAugment
+from ssl_kit.data.augment import TrainAugment, apply_colour_safe
 from ssl_kit.data.module import ImageDataModule
 from ssl_kit.data.splits import Splits
 from ssl_kit.errors import UserError
@@ -168,10 +168,7 @@ class FinetuneAugment(nn.Module):
         x = images.float().div(255.0)
         x = self.base.ops(x).clamp(0, 1)
         if self.rand_augment is not None:
-            if x.shape[1] == 1:  # kornia's colour ops need RGB: run on the grey replicated, average back
-                x = self.rand_augment(x.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True).clamp(0, 1)
-            else:
-                x = self.rand_augment(x).clamp(0, 1)
+            x = apply_colour_safe(self.rand_augment, x)
         x = (x - self.base.mean) / self.base.std
         if self.erase is not None:
             x = self.erase(x)

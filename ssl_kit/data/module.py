@@ -38,8 +38,9 @@ class EpochSeededRandomSampler(RandomSampler):
     is seeded the same way.
     """
 
-    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
-        super().__init__(data_source, generator=torch.Generator())
+    def __init__(self, data_source: Dataset, seed: int = 0, num_samples: int | None = None) -> None:
+        # num_samples > len(data_source): consecutive fresh permutations (every image once per pass)
+        super().__init__(data_source, num_samples=num_samples, generator=torch.Generator())
         self.seed = seed
         self.set_epoch(0)
 
@@ -81,22 +82,40 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_fraction, self.verify_images, self.seed = val_fraction, verify_images, seed
         self.mean, self.std = channel_stats(self.source, self.in_chans)
         self.eval_transform = EvalTransform(img_size, self.mean, self.std)
+        self.train_batches_seen = 0
+
+    def seed_training_batch(self) -> None:
+        """Seed the global RNG from (seed, rank, training batches seen) before augmenting a training batch,
+        so augmentation (and the method's random draws) repeat exactly after a resume."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        torch.manual_seed(step_seed(self.seed, rank, self.train_batches_seen))
+        self.train_batches_seen += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_batches_seen": self.train_batches_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_batches_seen = int(state_dict.get("train_batches_seen", 0))
 
     def load_splits(self) -> Splits:
         """Train / val splits of this module's source."""
         return load_splits(self.source, self.root, self.in_chans, self.decode_size, self.val_fraction, self.verify_images, self.seed)
 
-    def make_loader(self, dataset: Dataset, train: bool, batch_size: int | None = None) -> DataLoader:
-        """Seeded shuffling for training (exact resume), plain order otherwise."""
+    def make_loader(self, dataset: Dataset, train: bool, batch_size: int | None = None, seed_salt: int = 0,
+                    num_samples: int | None = None) -> DataLoader:
+        """Seeded shuffling for training (exact resume), plain order otherwise.
+
+        ``num_samples`` (training) sets the images per epoch, drawn as consecutive permutations.
+        """
         batch_size = batch_size or self.batch_size
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSeededRandomSampler(dataset, self.seed) if train else None,
+            sampler=EpochSeededRandomSampler(dataset, self.seed + seed_salt, num_samples) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=train and len(dataset) > batch_size,
+            drop_last=train and (num_samples or len(dataset)) > batch_size,
         )
 
 
@@ -148,7 +167,6 @@ class PretrainDataModule(ImageDataModule):
         self.knn_train_set: Dataset | None = None
         self.knn_test_set: Dataset | None = None
         self.classes: list[str] = []
-        self.train_batches_seen = 0
 
     # ------------------------------------------------------------------ data sets
     def setup(self, stage: str | None = None) -> None:
@@ -199,17 +217,9 @@ class PretrainDataModule(ImageDataModule):
         """Augment training batches on the device (uint8 -> normalised float views)."""
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
-            rank = self.trainer.global_rank
-            torch.manual_seed(step_seed(self.seed, rank, self.train_batches_seen))
-            self.train_batches_seen += 1
+            self.seed_training_batch()
             return self.train_augment.to(images.device)(images), labels
         return self.eval_transform.to(images.device)(images), labels
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_batches_seen": self.train_batches_seen}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.train_batches_seen = int(state_dict.get("train_batches_seen", 0))
 
     def eval_images(self, images: Tensor) -> Tensor:
         """Deterministic view of uint8 images for monitors and pictures."""

@@ -3,7 +3,9 @@ from ssl_kit.methods.base import SSLMethod
 from ssl_kit.methods.ibot import IBOT
 from ssl_kit.methods.lomar import LoMaR
 from ssl_kit.methods.mae import MAE
+from ssl_kit.methods.mpl import MetaPseudoLabels
+from ssl_kit.methods.uda import UDA
 
-METHODS: dict[str, type[SSLMethod]] = {"mae": MAE, "lomar": LoMaR, "ibot": IBOT}
+METHODS: dict[str, type[SSLMethod]] = {"mae": MAE, "lomar": LoMaR, "ibot": IBOT, "uda": UDA, "mpl": MetaPseudoLabels}
 
-__all__ = ["METHODS", "IBOT", "LoMaR", "MAE", "SSLMethod"]
+__all__ = ["METHODS", "IBOT", "LoMaR", "MAE", "MetaPseudoLabels", "SSLMethod", "UDA"]

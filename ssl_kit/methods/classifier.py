@@ -1,0 +1,84 @@
+"""What the semi-supervised classification methods (UDA, Meta Pseudo Labels) share: ViT classifiers
+built from the shared encoder (random init, or a pretrained checkpoint / export), validation top-1 of
+the evaluated model, and the export of that model as a timm classifier."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssl_kit.encoders import EncoderSpec
+from ssl_kit.errors import UserError
+from ssl_kit.eval.encoder_source import EncoderSource, load_encoder
+from ssl_kit.eval.linear_probe import ValidationTop1
+from ssl_kit.methods.base import SSLMethod
+
+
+def build_classifier(
+    encoder: str, img_size: int, patch_size: int, in_chans: int, encoder_kwargs: dict[str, Any] | None,
+    num_classes: int, init_from: str | None, drop_path_rate: float,
+) -> tuple[VisionTransformer, EncoderSpec]:
+    """A timm ViT with a ``num_classes`` linear head on the [CLS] token.
+
+    Args:
+        encoder, img_size, patch_size, in_chans, encoder_kwargs: the architecture when starting from
+            random initialisation (MAE-style init).
+        num_classes: K.
+        init_from: an ssl_kit checkpoint (``.ckpt``) or encoder export folder of any method (MAE, LoMaR,
+            iBOT, UDA, MPL); its architecture is used and ``encoder`` / ``patch_size`` are ignored.
+        drop_path_rate: stochastic depth.
+
+    Returns:
+        The model (head near zero: predictions start uniform) and the spec that rebuilds it with timm.
+    """
+    if init_from:
+        path = Path(init_from).expanduser()
+        if not path.exists():
+            raise UserError(f"--model.init_from {path} does not exist: pass a checkpoint (.ckpt) or an encoder export folder.")
+        source = EncoderSource(ckpt=str(path)) if path.is_file() else EncoderSource(encoder=str(path))
+    else:
+        source = EncoderSource(random_init=encoder, patch_size=patch_size, encoder_kwargs=encoder_kwargs)
+    model, spec = load_encoder(source, img_size, in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+    return model, spec
+
+
+def pre_logits(model: VisionTransformer, images: Tensor) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, D]`` pooled features before the classifier head."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+class SemiSupervisedClassifier(ValidationTop1, SSLMethod):
+    """Base of UDA and MPL: ``self.encoder`` is the trained classifier (student), :meth:`export_module`
+    the one that is evaluated and exported (its EMA). Validation logs ``val_top1`` of the exported model,
+    which the run's "best" checkpoint follows."""
+
+    checkpoint_monitor = ("val_top1", "max")
+
+    def init_metrics(self, num_classes: int) -> None:
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[B, K]`` of the evaluated (exported) model."""
+        return self.export_module()(images)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        return pre_logits(self.export_module(), images)
+
+    def check_data(self, needs_unlabeled: bool) -> None:
+        """Fail early when the data module does not fit the model (class count, unlabeled stream)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "num_classes"):
+            return
+        if dm.num_classes != self.hparams.num_classes:
+            raise UserError(f"The data have {dm.num_classes} classes but the model was built for "
+                            f"{self.hparams.num_classes}: pass --model.num_classes {dm.num_classes}.")
+        if needs_unlabeled and getattr(dm, "mu", 1) == 0:
+            raise UserError(f"{type(self).__name__} needs unlabeled images, but --data.mu is 0: set --data.mu 7 "
+                            "(or train supervised only with --recipe supervised).")

@@ -1,0 +1,100 @@
+"""`ssl-pretrain --recipe uda | mpl | supervised` end to end (tiny): logs, subset file, export, exact resume, DDP."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cli_helpers import assert_same_final_state
+from ssl_kit.cli import pretrain_main
+from ssl_kit.export import load_exported_encoder
+from ssl_kit.teacher import inverse_momentum
+
+pytestmark = pytest.mark.slow
+
+TINY_SEMI = [
+    "--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}",
+    "--data.batch_size", "4", "--data.mu", "2", "--data.val_size", "50", "--data.num_workers", "0",
+    "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1",
+]
+
+
+def run_cli(recipe, run_dir, *extra: str) -> int:
+    return pretrain_main(["--recipe", recipe, *TINY_SEMI, "--run_dir", str(run_dir), *extra])
+
+
+def metrics(run_dir) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(run_dir / "metrics.csv")))
+
+
+def column(rows, name) -> list[float]:
+    return [float(r[name]) for r in rows if r.get(name)]
+
+
+def test_uda_logs_tsa_and_mask_saves_subset_and_exports_a_timm_classifier(tmp_path):
+    run = tmp_path / "uda"
+    assert run_cli("uda", run, "--trainer.max_epochs", "2") == 0
+    rows = metrics(run)
+    total = 4
+    assert column(rows, "tsa_threshold") == pytest.approx([0.1 + 0.9 * s / total for s in range(total)])
+    assert len(column(rows, "tsa_kept_fraction")) == len(column(rows, "unsup_mask_fraction")) == total
+    assert column(rows, "teacher_momentum") == pytest.approx([inverse_momentum(s, 0.99) for s in range(total)])
+    assert len(column(rows, "val_top1")) == 2
+
+    subset = json.loads((run / "labeled_subset.json").read_text())
+    assert subset["labels_per_class"] == 10 and len(subset["indices"]) == 100
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["ssl_kit"]["export_prefix"] == "ema_encoder."
+    classifier = load_exported_encoder(run / "encoder").eval()  # plain timm, head included
+    ema = {k[len("ema_encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_encoder.")}
+    assert classifier.num_classes == 10
+    for key, value in classifier.state_dict().items():
+        assert torch.equal(value, ema[key]), key
+
+
+def test_supervised_recipe_uses_no_unlabeled_images(tmp_path):
+    run = tmp_path / "sup"
+    assert run_cli("supervised", run, "--trainer.max_epochs", "1") == 0
+    rows = metrics(run)
+    assert column(rows, "tsa_threshold") == [1.0, 1.0] and not column(rows, "unsup_mask_fraction")
+
+
+def test_mpl_with_student_lr_zero_logs_zero_feedback_and_uda_only_teacher_loss(tmp_path):
+    run = tmp_path / "mpl0"
+    assert run_cli("mpl", run, "--trainer.max_epochs", "1", "--model.student_lr", "0") == 0
+    rows = metrics(run)
+    assert column(rows, "mpl_feedback") == [0.0, 0.0]
+    assert column(rows, "teacher_loss") == column(rows, "teacher_uda")
+
+
+def test_mpl_resume_restores_both_optimisers_schedulers_and_baseline(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli("mpl", full, "--trainer.max_epochs", "2") == 0
+    assert run_cli("mpl", part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
+                   "--trainer.callbacks.epoch", "0") == 0
+    assert run_cli("mpl", part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    # two optimizer steps (student, teacher) per batch: 2 epochs x 2 batches x 2
+    a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=8)
+    assert a["state_dict"]["steps_done"].item() == 4 and a["state_dict"]["moving_feedback"].item() != 0
+    assert len(a["optimizer_states"]) == len(b["optimizer_states"]) == 2
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"]):
+        for pid, state in opt_a["state"].items():
+            for name, value in state.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][pid][name])), (pid, name)
+    assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][1]["last_epoch"] == 4
+
+
+def test_mpl_runs_under_two_process_cpu_ddp(tmp_path):
+    run = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "ssl_kit.cli", "--recipe", "mpl", *TINY_SEMI, "--run_dir", str(run),
+           "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp_find_unused_parameters_true"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = metrics(run)
+    assert len(column(rows, "mpl_feedback")) == 2 and (run / "encoder" / "model.safetensors").is_file()
