@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_kit.export import export_encoder
-from ssl_kit.viz import save_panel_grid
+from ssl_kit.viz import save_panel_grid, save_pseudo_label_grid
 
 log = logging.getLogger("ssl_kit")
 
@@ -45,6 +45,41 @@ class ReconstructionPictures(pl.Callback):
             torch.random.set_rng_state(rng)
             pl_module.train(was_training)
         save_panel_grid(panels, self.out_dir / f"epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
+
+
+class PseudoLabelPictures(pl.Callback):
+    """Each epoch, save ``pseudo_labels_epoch_NNN.png``: fixed unlabeled images in their weak and strong
+    views, with the label the method's pseudo-labeller (``pseudo_labeller()``: the classifier itself for
+    UDA, the teacher for MPL) gives the weak view and whether it passes the confidence mask.
+
+    Args:
+        out_dir: folder of the PNGs.
+        num_images: images per picture.
+    """
+
+    def __init__(self, out_dir: str | Path, num_images: int = 10) -> None:
+        self.out_dir = Path(out_dir)
+        self.num_images = num_images
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        unlabeled = getattr(dm, "unlabeled_set", None)
+        if unlabeled is None or not hasattr(pl_module, "pseudo_labeller"):
+            return
+        images = torch.stack([unlabeled[i][0] for i in range(min(self.num_images, len(unlabeled)))])
+        model, threshold = pl_module.pseudo_labeller()
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)  # the same views every epoch, so epochs compare
+            augment = dm.augment.to(pl_module.device)
+            images = images.to(pl_module.device)
+            weak, strong = augment.weak(images), augment.strong(images)
+            probs = model(weak).softmax(dim=-1)
+        model.train(was_training)
+        save_pseudo_label_grid(weak, strong, probs, dm.classes, threshold,
+                               self.out_dir / f"pseudo_labels_epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
 
 
 class EncoderExport(pl.Callback):

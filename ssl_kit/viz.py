@@ -34,3 +34,42 @@ def save_panel_grid(panels: dict[str, Tensor], path: str | Path, mean: Sequence[
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, str(path), nrow=rows[0].shape[0], padding=2, pad_value=1.0)
     return path
+
+
+def save_pseudo_label_grid(
+    weak: Tensor, strong: Tensor, probs: Tensor, classes: Sequence[str], threshold: float, path: str | Path,
+    mean: Sequence[float], std: Sequence[float],
+) -> Path:
+    """Unlabeled images as the consistency loss sees them: weak view (top) with the pseudo label and its
+    confidence, green when it passes the mask, grey when it does not; strong view (bottom).
+
+    Args:
+        weak, strong: ``[N, C, H, W]`` normalised views of the same images.
+        probs: ``[N, K]`` predicted probabilities on the weak view.
+        classes: K class names.
+        threshold: confidence mask threshold.
+        path: PNG file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = weak.shape[0]
+    rows = [denormalize(v.detach().float().cpu(), mean, std) for v in (weak, strong)]
+    conf, label = probs.detach().float().cpu().max(dim=1)
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.0), squeeze=False)
+    for i in range(n):
+        for r, row in enumerate(rows):
+            image = row[i].permute(1, 2, 0).numpy()
+            axes[r][i].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            axes[r][i].axis("off")
+        name = classes[int(label[i])] if classes else str(int(label[i]))
+        passed = float(conf[i]) > threshold
+        axes[0][i].set_title(f"{name[:10]}\n{float(conf[i]):.2f}", fontsize=7, color="green" if passed else "grey")
+    fig.suptitle(f"pseudo labels on weak views (green: confidence > {threshold}); strong views below", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -43,6 +43,7 @@ def test_uda_logs_tsa_and_mask_saves_subset_and_exports_a_timm_classifier(tmp_pa
     assert len(column(rows, "tsa_kept_fraction")) == len(column(rows, "unsup_mask_fraction")) == total
     assert column(rows, "teacher_momentum") == pytest.approx([inverse_momentum(s, 0.99) for s in range(total)])
     assert len(column(rows, "val_top1")) == 2
+    assert (run / "pictures" / "pseudo_labels_epoch_001.png").is_file()
 
     subset = json.loads((run / "labeled_subset.json").read_text())
     assert subset["labels_per_class"] == 10 and len(subset["indices"]) == 100

@@ -194,6 +194,10 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
     def export_module(self) -> nn.Module:
         return self.ema_encoder
 
+    def pseudo_labeller(self) -> tuple[nn.Module, float]:
+        """The teacher, and its UDA confidence threshold (for the pseudo-label pictures)."""
+        return self.teacher, self.hparams.threshold
+
     def setup(self, stage: str) -> None:
         self.check_data(needs_unlabeled=True)
         strategy = self.trainer.strategy if self._trainer is not None else None

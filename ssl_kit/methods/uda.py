@@ -73,6 +73,10 @@ class UDA(SemiSupervisedClassifier):
     def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(self.encoder, self.ema_encoder)]
 
+    def pseudo_labeller(self) -> tuple[torch.nn.Module, float]:
+        """The model whose weak-view predictions are the consistency targets, and the mask threshold."""
+        return self.encoder, self.hparams.confidence_threshold
+
     def default_callbacks(self) -> list[pl.Callback]:
         return [EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
 
