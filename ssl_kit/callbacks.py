@@ -75,7 +75,7 @@ class PseudoLabelPictures(pl.Callback):
             torch.manual_seed(0)  # the same views every epoch, so epochs compare
             augment = dm.augment.to(pl_module.device)
             images = images.to(pl_module.device)
-            weak, strong = augment.weak(images), augment.strong(images)
+            weak, strong = augment.weak_and_strong(images)
             probs = model(weak).softmax(dim=-1)
         model.train(was_training)
         save_pseudo_label_grid(weak, strong, probs, dm.classes, threshold,

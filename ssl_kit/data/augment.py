@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_kit.errors import UserError
+
 
 class TrainAugment(nn.Module):
     """MAE-style pretraining views: random resized crop (bicubic) + horizontal flip (+ colour jitter).
@@ -109,10 +111,10 @@ class WeakStrongAugment(nn.Module):
                  group_size: int = 8) -> None:
         super().__init__()
         if weak not in ("pad_crop", "resized_crop"):
-            raise ValueError(f"weak view must be 'pad_crop' or 'resized_crop', got {weak!r}")
+            raise UserError(f"--data.weak must be pad_crop or resized_crop, got {weak!r}.")
         lo, hi = magnitude_range
         if not 1 <= lo <= hi <= 29:
-            raise ValueError(f"magnitude_range must lie in [1, 29] (kornia's RandAugment scale), got {magnitude_range}")
+            raise UserError(f"--data.magnitude_range must lie in [1, 29] (kornia's RandAugment scale), got {magnitude_range}.")
         self.img_size, self.magnitude_range, self.group_size = img_size, (lo, hi), group_size
         pad = max(1, img_size // 8)
         if weak == "pad_crop":
@@ -133,11 +135,16 @@ class WeakStrongAugment(nn.Module):
         return (x - self.mean) / self.std
 
     def weak(self, images: Tensor) -> Tensor:
-        """``[B, C, h, w]`` uint8 -> ``[B, C, S, S]`` normalised weak view."""
+        """``[B, C, h, w]`` uint8 (or [0, 1] float at size S) -> ``[B, C, S, S]`` normalised weak view."""
         return self._normalise(self.weak_ops(self._unit(images)).clamp_(0, 1))
 
+    def weak_and_strong(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Both views of the same uint8 images, converted to float once."""
+        x = self._unit(images)
+        return self.weak(x), self.strong(x)
+
     def strong(self, images: Tensor) -> Tensor:
-        """``[B, C, h, w]`` uint8 -> ``[B, C, S, S]`` normalised strong view."""
+        """``[B, C, h, w]`` uint8 (or [0, 1] float at size S) -> ``[B, C, S, S]`` normalised strong view."""
         x = self.weak_ops(self._unit(images)).clamp_(0, 1)
         if self.rand_augment is not None:
             lo, hi = self.magnitude_range

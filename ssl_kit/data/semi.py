@@ -146,7 +146,7 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         out: dict[str, Any] = {"labeled": (augment.weak(images), labels)}
         if "unlabeled" in batch:
             unlabeled = batch["unlabeled"][0]
-            out["unlabeled"] = (augment.weak(unlabeled), augment.strong(unlabeled))
+            out["unlabeled"] = augment.weak_and_strong(unlabeled)
         return out
 
     def val_dataloader(self) -> DataLoader:
