@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_kit.export import export_encoder
-from ssl_kit.viz import save_panel_grid, save_pseudo_label_grid
+from ssl_kit.viz import save_panel_grid, save_pseudo_label_grid, save_segmentation_grid
 
 log = logging.getLogger("ssl_kit")
 
@@ -80,6 +80,35 @@ class PseudoLabelPictures(pl.Callback):
         model.train(was_training)
         save_pseudo_label_grid(weak, strong, probs, dm.classes, threshold,
                                self.out_dir / f"pseudo_labels_epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
+
+
+class SegmentationPictures(pl.Callback):
+    """Each epoch, save ``segmentation_epoch_NNN.png``: fixed validation images with their ground truth and
+    what the method's teacher makes of them (``reliability_maps``): pseudo label, entropy, reliable mask.
+
+    Args:
+        out_dir: folder of the PNGs.
+        num_images: rows per picture.
+    """
+
+    def __init__(self, out_dir: str | Path, num_images: int = 6) -> None:
+        self.out_dir = Path(out_dir)
+        self.num_images = num_images
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        val = getattr(dm, "val_set", None)
+        if val is None or not hasattr(pl_module, "reliability_maps"):
+            return
+        samples = [val[i] for i in range(min(self.num_images, len(val)))]
+        images, masks = dm.on_after_batch_transfer(
+            (torch.stack([s[0] for s in samples]).to(pl_module.device), torch.stack([torch.as_tensor(s[1]) for s in samples])),
+            0)
+        maps = pl_module.reliability_maps(images)
+        save_segmentation_grid(images, masks, maps["pseudo"], maps["entropy"], maps["reliable"],
+                               self.out_dir / f"segmentation_epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std,
+                               pl_module.hparams.num_classes, pl_module.current_alpha())
 
 
 class EncoderExport(pl.Callback):

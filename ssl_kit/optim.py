@@ -64,7 +64,7 @@ def adamw_param_groups(
         listed = no_weight_decay_names(module) if exempt_listed else set()
         for group in param_groups_weight_decay(module, weight_decay, no_weight_decay_list=listed):
             if group["params"]:
-                groups.append(dict(group, name=f"{prefix}_{'decay' if group['weight_decay'] else 'no_decay'}"))
+                groups.append(dict(group, module=prefix, name=f"{prefix}_{'decay' if group['weight_decay'] else 'no_decay'}"))
     return groups
 
 
@@ -92,7 +92,7 @@ def adamw_warmup_cosine(
     betas: tuple[float, float] = (0.9, 0.95),
     min_lr: float = 0.0,
 ) -> dict[str, Any]:
-    """AdamW with ``lr = base_lr * effective_batch / 256``, per-step warmup + cosine.
+    """AdamW with ``lr = base_lr * effective_batch / 256`` (times a group's ``lr_scale``), per-step warmup + cosine.
 
     Returns the dict Lightning expects from ``configure_optimizers``.
     """
@@ -108,7 +108,10 @@ def adamw_warmup_cosine(
             eff_batch, batch_size, trainer.world_size, trainer.accumulate_grad_batches, lr, base_lr,
             total_steps, warmup_steps,
         )
-    groups = list(param_groups)
+    groups = [dict(g) for g in param_groups]
+    for group in groups:  # a group's "lr_scale" (e.g. a segmentation head at 10x) multiplies the scaled lr
+        if "lr_scale" in group:
+            group["lr"] = lr * group.pop("lr_scale")
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=_fused_ok(groups))
     return with_warmup_cosine(trainer, optimizer, warmup_epochs, min_lr / lr if lr > 0 else 0.0)
 

@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ssl_kit.optim import steps_per_epoch
+
 
 @runtime_checkable
 class HasEMAPairs(Protocol):
@@ -87,6 +89,8 @@ class EMATeacher(pl.Callback):
         start_step: optimizer step at which EMA starts (e.g. after a supervised warm-up);
             before it the teacher is kept a copy of the student, and the inverse schedule
             counts from it.
+        start_epoch: the same given in epochs (U2PL's ``sup_only_epochs``); converted to a step once
+            the number of steps per epoch is known.
     """
 
     def __init__(
@@ -96,11 +100,13 @@ class EMATeacher(pl.Callback):
         final: float = 1.0,
         cap: float = 0.999,
         start_step: int = 0,
+        start_epoch: int = 0,
     ) -> None:
         if schedule not in ("cosine", "inverse"):
             raise ValueError(f"EMATeacher schedule must be 'cosine' or 'inverse', got {schedule!r}")
         self.schedule = schedule
         self.base, self.final, self.cap, self.start_step = base, final, cap, start_step
+        self.start_epoch = start_epoch
         self._last_step: int | None = None
         self.last_momentum: float | None = None
 
@@ -132,6 +138,8 @@ class EMATeacher(pl.Callback):
         if self._last_step is not None and step == self._last_step:
             return  # an accumulation micro-batch: no optimizer step happened
         self._last_step = step
+        if self.start_epoch:
+            self.start_step = self.start_epoch * int(steps_per_epoch(trainer))
         self.last_momentum = self.momentum(step - 1, int(trainer.estimated_stepping_batches))
         for student, teacher in self.pairs(pl_module):
             ema_update(student, teacher, self.last_momentum)

@@ -73,3 +73,53 @@ def save_pseudo_label_grid(
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save_segmentation_grid(
+    images: Tensor, ground_truth: Tensor, pseudo: Tensor, entropy: Tensor, reliable: Tensor, path: str | Path,
+    mean: Sequence[float], std: Sequence[float], num_classes: int, alpha: float,
+) -> Path:
+    """One row per image: image / ground truth / teacher pseudo label / entropy map / reliable mask.
+
+    Args:
+        images: ``[N, C, H, W]`` normalised.
+        ground_truth, pseudo: ``[N, H, W]`` class maps (255 = ignore, drawn white).
+        entropy: ``[N, H, W]`` teacher entropy (nats), drawn on a shared scale ``[0, log K]``.
+        reliable: ``[N, H, W]`` bool, pixels that keep their pseudo label.
+        num_classes: K, for a fixed colour per class.
+        alpha: unreliable percentage the mask was drawn with.
+    """
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    colours = plt.get_cmap("tab20")(range(20))[: max(num_classes, 1)]
+    cmap = ListedColormap(colours)
+    cmap.set_over("white")
+    shown = denormalize(images.detach().float().cpu(), mean, std)
+    titles = ["image", "ground truth", "pseudo label", "entropy", f"reliable ({100 - alpha:.0f} %)"]
+    n = shown.shape[0]
+    fig, axes = plt.subplots(n, 5, figsize=(7.5, 1.5 * n), squeeze=False)
+    for i in range(n):
+        image = shown[i].permute(1, 2, 0).numpy()
+        panels = [
+            (image[..., 0] if image.shape[-1] == 1 else image, dict(cmap="gray", vmin=0, vmax=1)),
+            (ground_truth[i].cpu().numpy(), dict(cmap=cmap, vmin=-0.5, vmax=num_classes - 0.5, interpolation="nearest")),
+            (pseudo[i].cpu().numpy(), dict(cmap=cmap, vmin=-0.5, vmax=num_classes - 0.5, interpolation="nearest")),
+            (entropy[i].float().cpu().numpy(), dict(cmap="magma", vmin=0, vmax=math.log(num_classes))),
+            (reliable[i].float().cpu().numpy(), dict(cmap="gray", vmin=0, vmax=1, interpolation="nearest")),
+        ]
+        for j, (data, style) in enumerate(panels):
+            axes[i][j].imshow(data, **style)
+            axes[i][j].axis("off")
+            if i == 0:
+                axes[i][j].set_title(titles[j], fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

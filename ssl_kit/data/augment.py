@@ -212,3 +212,34 @@ class MultiCropAugment(nn.Module):
         x = images.float().div_(255.0)
         views = [view(x).clamp_(0.0, 1.0) for view in [*self.global_views, *self.local_views]]
         return [(v - self.mean) / self.std for v in views]
+
+
+def cutmix_masks(batch: int, height: int, width: int, prob: float, device: torch.device | str = "cpu") -> Tensor:
+    """U2PL's CutMix boxes: ``[B, H, W]`` bool, True inside a box covering half the image, for each image
+    with probability ``prob`` (all False otherwise). Box width uniform in ``(W/2, W)``, height
+    ``round(H W / 2 / width)``, position uniform inside the image; uses the global torch RNG."""
+    masks = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    area = height * width / 2.0
+    for i in range(batch):
+        if float(torch.rand(())) >= prob:
+            continue
+        w = int(torch.randint(width // 2 + 1, width, ()))
+        h = min(height, int(round(area / w)))
+        x0 = int(torch.randint(0, width - w + 1, ()))
+        y0 = int(torch.randint(0, height - h + 1, ()))
+        masks[i, y0:y0 + h, x0:x0 + w] = True
+    return masks
+
+
+def apply_cutmix(masks: Tensor, *maps: Tensor) -> list[Tensor]:
+    """Paste, inside each image's box, the content of the NEXT image in the batch (index ``(i + 1) % B``).
+
+    Args:
+        masks: ``[B, H, W]`` bool from :func:`cutmix_masks`.
+        maps: tensors ``[B, ..., H, W]`` mixed identically (images ``[B, C, H, W]``, labels ``[B, H, W]``).
+    """
+    out = []
+    for x in maps:
+        m = masks.view(masks.shape[0], *([1] * (x.dim() - 3)), *masks.shape[1:])
+        out.append(torch.where(m, x.roll(-1, dims=0), x))
+    return out

@@ -4,8 +4,10 @@ from ssl_kit.methods.ibot import IBOT
 from ssl_kit.methods.lomar import LoMaR
 from ssl_kit.methods.mae import MAE
 from ssl_kit.methods.mpl import MetaPseudoLabels
+from ssl_kit.methods.u2pl import U2PL
 from ssl_kit.methods.uda import UDA
 
-METHODS: dict[str, type[SSLMethod]] = {"mae": MAE, "lomar": LoMaR, "ibot": IBOT, "uda": UDA, "mpl": MetaPseudoLabels}
+METHODS: dict[str, type[SSLMethod]] = {"mae": MAE, "lomar": LoMaR, "ibot": IBOT, "uda": UDA, "mpl": MetaPseudoLabels,
+                                  "u2pl": U2PL}
 
-__all__ = ["METHODS", "IBOT", "LoMaR", "MAE", "MetaPseudoLabels", "SSLMethod", "UDA"]
+__all__ = ["METHODS", "IBOT", "LoMaR", "MAE", "MetaPseudoLabels", "SSLMethod", "U2PL", "UDA"]

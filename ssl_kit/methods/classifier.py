@@ -18,6 +18,19 @@ from ssl_kit.eval.linear_probe import ValidationTop1
 from ssl_kit.methods.base import SSLMethod
 
 
+def pretrained_or_random(
+    init_from: str | None, encoder: str, patch_size: int, encoder_kwargs: dict[str, Any] | None
+) -> EncoderSource:
+    """Where the encoder weights come from: an ssl_kit checkpoint (``.ckpt``) or export folder given as
+    ``--model.init_from``, else a random init of ``encoder`` (clear error for a missing path)."""
+    if not init_from:
+        return EncoderSource(random_init=encoder, patch_size=patch_size, encoder_kwargs=encoder_kwargs)
+    path = Path(init_from).expanduser()
+    if not path.exists():
+        raise UserError(f"--model.init_from {path} does not exist: pass a checkpoint (.ckpt) or an encoder export folder.")
+    return EncoderSource(ckpt=str(path)) if path.is_file() else EncoderSource(encoder=str(path))
+
+
 def build_classifier(
     encoder: str, img_size: int, patch_size: int, in_chans: int, encoder_kwargs: dict[str, Any] | None,
     num_classes: int, init_from: str | None, drop_path_rate: float,
@@ -35,13 +48,7 @@ def build_classifier(
     Returns:
         The model (head near zero: predictions start uniform) and the spec that rebuilds it with timm.
     """
-    if init_from:
-        path = Path(init_from).expanduser()
-        if not path.exists():
-            raise UserError(f"--model.init_from {path} does not exist: pass a checkpoint (.ckpt) or an encoder export folder.")
-        source = EncoderSource(ckpt=str(path)) if path.is_file() else EncoderSource(encoder=str(path))
-    else:
-        source = EncoderSource(random_init=encoder, patch_size=patch_size, encoder_kwargs=encoder_kwargs)
+    source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
     model, spec = load_encoder(source, img_size, in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate)
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)

@@ -1,0 +1,233 @@
+"""U2PL: semi-supervised semantic segmentation with unreliable pseudo labels (Wang et al. CVPR 2022),
+METHODS.md section 6, on the shared ViT with a progressive upsampling head."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from ssl_kit.data.augment import apply_cutmix, cutmix_masks
+from ssl_kit.errors import UserError
+from ssl_kit.eval.encoder_source import load_encoder
+from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNet
+from ssl_kit.losses.u2pl import (
+    IGNORE, ClassMemoryBank, high_entropy_mask, low_entropy_mask, negative_candidates, pixel_entropy,
+    u2pl_contrastive, unreliable_percent, unsupervised_ce,
+)
+from ssl_kit.methods.base import SSLMethod
+from ssl_kit.methods.classifier import pretrained_or_random
+from ssl_kit.teacher import EMATeacher, make_teacher
+
+
+def downsample_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """``[B, H, W]`` label / bool map -> ``[B, h, w]`` (nearest), dtype kept."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0].to(maps.dtype)
+
+
+class U2PL(SSLMethod):
+    """Student = ViT + segmentation head, trained on labeled images (CE) and on CutMix-ed unlabeled images
+    with the EMA teacher's pseudo labels: CE on reliable pixels (entropy below the ``100 - alpha_t``
+    percentile, ``alpha_t = alpha0 (1 - epoch / E)``) + ``contrastive_weight`` x the contrastive loss whose
+    negatives are unreliable pixels (memory bank per class). The teacher (EMA, ``min(1 - 1/(i+1), ema_decay)``
+    counted from the end of the ``sup_only_epochs`` warm-up) makes the pseudo labels, is evaluated (val mIoU)
+    and its encoder is exported. With ``unsup_weight 0`` and ``contrastive_weight 0`` it is supervised-only
+    training of the same model (the ``seg_supervised`` recipe).
+
+    Batches come from :class:`ssl_kit.data.SegmentationDataModule`.
+
+    Choices (documented in METHODS.md terms):
+        * unsupervised CE normalisation: ``paper`` (sum over reliable pixels / all valid pixels) by
+          default, ``authors`` for the reference code's rescaling;
+        * negatives follow the paper (labeled: top-3 but not the label; unlabeled: unreliable pixels where c
+          ranks 3..20), see :func:`ssl_kit.losses.u2pl.negative_candidates`;
+        * CutMix is drawn per image with ``cutmix_prob`` (the reference code draws once per batch);
+        * the teacher runs in eval mode for both its forwards.
+
+    Args:
+        encoder, encoder_kwargs, patch_size, img_size, in_chans: the ViT (random init).
+        num_classes: K, background included (11 for the built-in scenes).
+        init_from: start from a pretrained checkpoint / encoder export (any method).
+        drop_path_rate: stochastic depth.
+        head_dim, rep_dim, num_upsample: segmentation head.
+        sup_only_epochs: supervised warm-up epochs (teacher copies the student meanwhile).
+        unsup_weight, contrastive_weight: loss weights (1.0, 0.1).
+        alpha0: unreliable percentage at epoch 0 (20).
+        unsup_normalisation: ``paper`` or ``authors``.
+        cutmix_prob: CutMix probability per unlabeled image (0.5).
+        num_anchors, num_negatives, temperature, anchor_threshold, low_rank, high_rank: contrastive loss
+            (256, 50, 0.5, 0.3, 3, 20).
+        memory_size: negative keys kept per class.
+        ema_decay: teacher momentum cap (0.99).
+        base_lr: AdamW lr per 256 LABELED images; head_lr_scale: lr multiplier of the head (10 in U2PL).
+        min_lr, warmup_epochs, weight_decay, betas: schedule and optimiser.
+    """
+
+    checkpoint_monitor = ("val_miou", "max")
+
+    def __init__(
+        self,
+        encoder: str = "tiny",
+        encoder_kwargs: dict[str, Any] | None = None,
+        patch_size: int = 4,
+        img_size: int = 64,
+        in_chans: int = 1,
+        num_classes: int = 11,
+        init_from: str | None = None,
+        drop_path_rate: float = 0.1,
+        head_dim: int = 128,
+        rep_dim: int = 256,
+        num_upsample: int = 1,
+        sup_only_epochs: int = 1,
+        unsup_weight: float = 1.0,
+        contrastive_weight: float = 0.1,
+        alpha0: float = 20.0,
+        unsup_normalisation: Literal["paper", "authors"] = "paper",
+        cutmix_prob: float = 0.5,
+        num_anchors: int = 256,
+        num_negatives: int = 50,
+        temperature: float = 0.5,
+        anchor_threshold: float = 0.3,
+        low_rank: int = 3,
+        high_rank: int = 20,
+        memory_size: int = 2048,
+        ema_decay: float = 0.99,
+        base_lr: float = 5e-3,
+        head_lr_scale: float = 10.0,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 1.0,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__()
+        if unsup_normalisation not in ("paper", "authors"):
+            raise UserError(f"--model.unsup_normalisation must be paper or authors, got {unsup_normalisation!r}.")
+        if num_classes < 2:
+            raise UserError(f"--model.num_classes must be >= 2 (background included), got {num_classes}.")
+        self.save_hyperparameters()
+        source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
+        vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate)
+        head = ProgressiveUpsamplingHead(vit.embed_dim, num_classes, head_dim, rep_dim, num_upsample)
+        self.student = SegmentationNet(vit, head)
+        self.teacher = make_teacher(self.student)
+        self.memory_bank = ClassMemoryBank(num_classes, memory_size, rep_dim)
+        self.val_miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE)
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def encoder(self) -> torch.nn.Module:  # type: ignore[override]
+        return self.student.encoder
+
+    def export_module(self) -> torch.nn.Module:
+        return self.teacher.encoder
+
+    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        return [(self.student, self.teacher)]
+
+    def default_callbacks(self) -> list[pl.Callback]:
+        return [EMATeacher(schedule="inverse", cap=self.hparams.ema_decay, start_epoch=self.hparams.sup_only_epochs)]
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> teacher logits ``[B, K, H, W]``."""
+        return self.teacher(images).logits
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        return self.teacher.encoder(images)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and getattr(dm, "num_classes", None) not in (None, self.hparams.num_classes):
+            raise UserError(f"The masks have {dm.num_classes} classes but the model was built for "
+                            f"{self.hparams.num_classes}: pass --model.num_classes {dm.num_classes}.")
+
+    @property
+    def semi_supervised(self) -> bool:
+        hp = self.hparams
+        return (hp.unsup_weight > 0 or hp.contrastive_weight > 0) and self.current_epoch >= hp.sup_only_epochs
+
+    def current_alpha(self) -> float:
+        """alpha_t in percent for the current epoch."""
+        return unreliable_percent(self.current_epoch, self.trainer.max_epochs if self._trainer else 1, self.hparams.alpha0)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        images, labels = batch["labeled"]
+        n_l = len(images)
+        if not self.semi_supervised or "unlabeled" not in batch:
+            out = self.student(images)
+            loss = F.cross_entropy(out.logits, labels, ignore_index=IGNORE)
+            self.log("loss_sup", loss.detach(), on_step=True, on_epoch=False, batch_size=n_l)
+            # the representation head joins the graph with zero weight, so plain DDP sees every parameter used
+            return self.report_loss(loss + 0.0 * out.rep.sum(), n_l)
+
+        self.teacher.eval()
+        with torch.no_grad():
+            pseudo = self.teacher(batch["unlabeled"]).logits.argmax(dim=1)
+        mix = cutmix_masks(len(pseudo), *pseudo.shape[-2:], hp.cutmix_prob, pseudo.device)
+        strong, pseudo = apply_cutmix(mix, batch["unlabeled"], pseudo)
+
+        inputs = torch.cat([images, strong])
+        out = self.student(inputs)
+        sup = F.cross_entropy(out.logits[:n_l], labels, ignore_index=IGNORE)
+        with torch.no_grad():
+            out_t = self.teacher(inputs)
+            entropy = pixel_entropy(out_t.logits[n_l:].softmax(dim=1))
+        alpha = self.current_alpha()
+        valid = pseudo != IGNORE
+        unreliable = high_entropy_mask(entropy, valid, alpha)
+        unsup = unsupervised_ce(out.logits[n_l:], pseudo, ~unreliable, hp.unsup_normalisation)
+        loss = sup + hp.unsup_weight * unsup
+        logs = {"loss_sup": sup.detach(), "loss_unsup": unsup.detach(), "unreliable_percent": alpha,
+                "pseudo_foreground_fraction": (pseudo[valid] > 0).float().mean()}
+        if hp.contrastive_weight > 0:
+            contra, info = self._contrastive(out.rep, out_t, labels, pseudo, valid, unreliable, entropy, alpha, n_l)
+            loss = loss + hp.contrastive_weight * contra
+            logs.update(loss_contrastive=contra.detach(), **info)
+        else:
+            loss = loss + 0.0 * out.rep.sum()
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n_l)
+        return self.report_loss(loss, n_l)
+
+    def _contrastive(self, rep: Tensor, out_t: Any, labels: Tensor, pseudo: Tensor, valid: Tensor, unreliable: Tensor,
+                     entropy: Tensor, alpha: float, n_l: int) -> tuple[Tensor, dict[str, float]]:
+        """Masks at representation resolution, then :func:`u2pl_contrastive`."""
+        hp = self.hparams
+        size = tuple(rep.shape[-2:])
+        reliable_anchor = low_entropy_mask(entropy, valid, alpha)
+        anchor_region = downsample_nearest(torch.cat([labels != IGNORE, reliable_anchor]), size)
+        unreliable_all = downsample_nearest(torch.cat([torch.zeros_like(labels, dtype=torch.bool), unreliable]), size)
+        labels_small = downsample_nearest(torch.cat([labels, pseudo]), size)
+        probs_small = out_t.logits_low.softmax(dim=1)
+        negatives = negative_candidates(probs_small, labels_small, unreliable_all, n_l, hp.low_rank, hp.high_rank)
+        return u2pl_contrastive(rep, out_t.rep, probs_small, labels_small, anchor_region, negatives, self.memory_bank,
+                                hp.num_anchors, hp.num_negatives, hp.temperature, hp.anchor_threshold)
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, masks = batch
+        self.val_miou.update(self(images).argmax(dim=1), masks)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_miou", self.val_miou.compute(), prog_bar=True, sync_dist=False)
+        self.val_miou.reset()
+
+    @torch.no_grad()
+    def reliability_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """What the unsupervised loss would see for these images (teacher, eval mode): pseudo labels, entropy and
+        the reliable mask at the current alpha_t. ``[B, C, H, W]`` -> ``[B, H, W]`` maps."""
+        was_training = self.teacher.training
+        self.teacher.eval()
+        probs = self.teacher(images).logits.softmax(dim=1)
+        self.teacher.train(was_training)
+        entropy = pixel_entropy(probs)
+        unreliable = high_entropy_mask(entropy, torch.ones_like(entropy, dtype=torch.bool), self.current_alpha())
+        return {"pseudo": probs.argmax(dim=1), "entropy": entropy, "reliable": ~unreliable}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return self.adamw_warmup_cosine({"encoder": self.student.encoder, "head": self.student.head},
+                                        lr_scales={"head": self.hparams.head_lr_scale})
