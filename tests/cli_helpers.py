@@ -45,3 +45,17 @@ def assert_same_final_state(full_ckpt, resumed_ckpt, steps: int) -> tuple[dict, 
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     return a, b
+
+
+def run_cpu_ddp(args: list, devices: int = 2, strategy: str = "ddp", timeout: int = 300) -> None:
+    """Run ``ssl-pretrain ARGS`` as ``python -m ssl_kit.cli`` on ``devices`` CPU processes; fail with its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "ssl_kit.cli", *map(str, args), "--trainer.accelerator", "cpu",
+           "--trainer.devices", str(devices), "--trainer.strategy", strategy]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,14 +1,11 @@
 """`ssl-pretrain --recipe uda | mpl | supervised` end to end (tiny): logs, subset file, export, exact resume, DDP."""
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from cli_helpers import assert_same_final_state
+from cli_helpers import assert_same_final_state, run_cpu_ddp
 from ssl_kit.cli import pretrain_main
 from ssl_kit.export import load_exported_encoder
 from ssl_kit.teacher import inverse_momentum
@@ -91,11 +88,7 @@ def test_mpl_resume_restores_both_optimisers_schedulers_and_baseline(tmp_path):
 
 def test_mpl_runs_under_two_process_cpu_ddp(tmp_path):
     run = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "ssl_kit.cli", "--recipe", "mpl", *TINY_SEMI, "--run_dir", str(run),
-           "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-           "--trainer.strategy", "ddp_find_unused_parameters_true"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_cpu_ddp(["--recipe", "mpl", *TINY_SEMI, "--run_dir", run, "--trainer.max_epochs", "1"],
+                strategy="ddp_find_unused_parameters_true")
     rows = metrics(run)
     assert len(column(rows, "mpl_feedback")) == 2 and (run / "encoder" / "model.safetensors").is_file()

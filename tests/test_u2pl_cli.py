@@ -1,13 +1,10 @@
 """`ssl-pretrain --recipe u2pl | seg_supervised` end to end (tiny): logs, pictures, export, exact resume, DDP."""
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from cli_helpers import assert_same_final_state
+from cli_helpers import assert_same_final_state, run_cpu_ddp
 from ssl_kit.cli import pretrain_main
 from ssl_kit.export import load_exported_encoder
 from ssl_kit.teacher import inverse_momentum
@@ -79,10 +76,5 @@ def test_u2pl_bad_input_is_one_clear_message(tmp_path, capsys):
 
 def test_u2pl_runs_under_two_process_cpu_ddp(tmp_path):
     run = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "ssl_kit.cli", "--recipe", "u2pl", *TINY_SEG, "--run_dir", str(run),
-           "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-           "--trainer.strategy", "ddp"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_cpu_ddp(["--recipe", "u2pl", *TINY_SEG, "--run_dir", run, "--trainer.max_epochs", "2"])
     assert len(column(run, "loss_contrastive")) == 2 and (run / "encoder" / "model.safetensors").is_file()
