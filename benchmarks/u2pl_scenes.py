@@ -13,59 +13,31 @@ Writes benchmarks/results/u2pl_scenes.json.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from sweep import RESULTS, init_args, load_results, parse_sweep_args, run_and_record, sweep_parser
 
-
-def final_miou(run_dir: Path) -> tuple[float, list[float]]:
-    """Last and all val mIoU values logged by the run."""
-    values = [float(r["val_miou"]) for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("val_miou")]
-    return values[-1], values
+PROTOCOL = ("val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 11 classes) of the teacher after the "
+            "shipped recipe (8 epochs x 25 steps, 8 labeled [+ 8 unlabeled] scenes per step, ViT-Tiny width depth 6, "
+            "patch 4, progressive upsampling head)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mae_encoder", help="export folder of the default MAE recipe (needed for --inits mae)")
+    parser = sweep_parser(__doc__, ["seg_supervised", "u2pl"], "runs/bench_u2pl", "u2pl_scenes.json", ["random", "mae"])
     parser.add_argument("--labeled", type=int, nargs="+", default=[125, 500], help="labeled train scenes (of 2000)")
-    parser.add_argument("--inits", nargs="+", default=["random", "mae"], choices=["random", "mae"])
-    parser.add_argument("--methods", nargs="+", default=["seg_supervised", "u2pl"])
-    parser.add_argument("--runs", default="runs/bench_u2pl")
-    parser.add_argument("--result", default="u2pl_scenes.json")
-    parser.add_argument("overrides", nargs="*", help="extra ssl-pretrain overrides for every run")
-    args = parser.parse_args()
-    if "mae" in args.inits and not args.mae_encoder:
-        parser.error("--inits mae needs --mae_encoder")
+    args = parse_sweep_args(parser)
     out = RESULTS / args.result
-    result = json.loads(out.read_text()) if out.is_file() else {"protocol": (
-        "val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 11 classes) of the teacher after the "
-        "shipped recipe (8 epochs x 25 steps, 8 labeled [+ 8 unlabeled] scenes per step, ViT-Tiny width depth 6, "
-        "patch 4, progressive upsampling head)"), "runs": {}}
+    result = load_results(out, PROTOCOL)
     for labeled in args.labeled:
         for init in args.inits:
             for method in args.methods:
                 name = f"{method}_{labeled}lab_{init}"
                 run_dir = Path(args.runs) / name
                 cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir),
-                       "--data.labeled_images", str(labeled), *args.overrides]
-                if init == "mae":
-                    cmd += ["--model.init_from", args.mae_encoder]
-                start = time.perf_counter()
-                subprocess.run(cmd, check=True)
-                wall = time.perf_counter() - start
-                last, curve = final_miou(run_dir)
-                result["runs"][name] = {"method": method, "labeled_images": labeled, "init": init, "val_miou": last,
-                                        "val_miou_per_epoch": curve, "wall_s": round(wall, 1),
-                                        "command": " ".join(cmd)}
-                print(json.dumps(result["runs"][name]), flush=True)
-                RESULTS.mkdir(exist_ok=True)
-                out.write_text(json.dumps(result, indent=2) + "\n")
+                       "--data.labeled_images", str(labeled), *init_args(init, args.mae_encoder), *args.overrides]
+                run_and_record(cmd, run_dir, ["val_miou"], result, name, out, method=method, labeled_images=labeled,
+                               init=init)
 
 
 if __name__ == "__main__":

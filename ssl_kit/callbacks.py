@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_kit.export import export_encoder
-from ssl_kit.viz import save_panel_grid, save_pseudo_label_grid, save_segmentation_grid
+from ssl_kit.viz import save_detection_grid, save_panel_grid, save_pseudo_label_grid, save_segmentation_grid
 
 log = logging.getLogger("ssl_kit")
 
@@ -82,14 +82,17 @@ class PseudoLabelPictures(pl.Callback):
                                self.out_dir / f"pseudo_labels_epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
 
 
-class SegmentationPictures(pl.Callback):
-    """Each epoch, save ``segmentation_epoch_NNN.png``: fixed validation images with their ground truth and
-    what the method's teacher makes of them (``reliability_maps``): pseudo label, entropy, reliable mask.
+class ValidationPictures(pl.Callback):
+    """Each epoch, draw what the method makes of the first ``num_images`` validation items into
+    ``out_dir/{name}_epoch_NNN.png``; subclasses say which method hook they need and how to draw.
 
     Args:
         out_dir: folder of the PNGs.
         num_images: rows per picture.
     """
+
+    hook = ""
+    name = ""
 
     def __init__(self, out_dir: str | Path, num_images: int = 6) -> None:
         self.out_dir = Path(out_dir)
@@ -99,16 +102,45 @@ class SegmentationPictures(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         val = getattr(dm, "val_set", None)
-        if val is None or not hasattr(pl_module, "reliability_maps"):
+        if val is None or not hasattr(pl_module, self.hook):
             return
         samples = [val[i] for i in range(min(self.num_images, len(val)))]
+        self.draw(dm, pl_module, samples, self.out_dir / f"{self.name}_epoch_{trainer.current_epoch:03d}.png")
+
+    def draw(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
+        raise NotImplementedError
+
+
+class SegmentationPictures(ValidationPictures):
+    """``segmentation_epoch_NNN.png``: validation images with their ground truth and what the method's teacher
+    makes of them (``reliability_maps``): pseudo label, entropy, reliable mask."""
+
+    hook, name = "reliability_maps", "segmentation"
+
+    def draw(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
         images, masks = dm.on_after_batch_transfer(
             (torch.stack([s[0] for s in samples]).to(pl_module.device), torch.stack([torch.as_tensor(s[1]) for s in samples])),
             0)
         maps = pl_module.reliability_maps(images)
-        save_segmentation_grid(images, masks, maps["pseudo"], maps["entropy"], maps["reliable"],
-                               self.out_dir / f"segmentation_epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std,
+        save_segmentation_grid(images, masks, maps["pseudo"], maps["entropy"], maps["reliable"], path, dm.mean, dm.std,
                                pl_module.hparams.num_classes, pl_module.current_alpha())
+
+
+class DetectionPictures(ValidationPictures):
+    """``detection_epoch_NNN.png``: validation images with their ground-truth boxes, the teacher's pseudo-box
+    candidates (score / uncertainty) and the student's detections (``detection_panels``)."""
+
+    hook, name = "detection_panels", "detection"
+
+    def __init__(self, out_dir: str | Path, num_images: int = 4) -> None:
+        super().__init__(out_dir, num_images)
+
+    def draw(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
+        images = dm.eval_images(torch.stack([s[0] for s in samples]).to(pl_module.device))
+        panels = pl_module.detection_panels(images)
+        hp = pl_module.hparams
+        save_detection_grid(images, [s[1] for s in samples], panels["teacher"], panels["student"], path, dm.mean,
+                            dm.std, dm.classes, hp.cls_threshold, hp.reg_threshold)
 
 
 class EncoderExport(pl.Callback):

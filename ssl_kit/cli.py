@@ -20,7 +20,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from ssl_kit.callbacks import EncoderExport, PseudoLabelPictures, ReconstructionPictures, SegmentationPictures
+from ssl_kit.callbacks import DetectionPictures, EncoderExport, PseudoLabelPictures, ReconstructionPictures, SegmentationPictures
 from ssl_kit.errors import UserError
 from ssl_kit.eval.knn import KNNMonitor
 from ssl_kit.qscore import QScoreMonitor, QScoreRegularizer
@@ -141,6 +141,8 @@ class PretrainCLI(LightningCLI):
             callbacks.append(PseudoLabelPictures(run_dir / "pictures"))
         if hasattr(self.model, "reliability_maps"):
             callbacks.append(SegmentationPictures(run_dir / "pictures"))
+        if hasattr(self.model, "detection_panels"):
+            callbacks.append(DetectionPictures(run_dir / "pictures"))
         callbacks.append(EncoderExport(run_dir / "encoder"))
         if self.config.get("qscore"):
             callbacks += [QScoreRegularizer(), QScoreMonitor(run_dir / "pictures")]

@@ -123,3 +123,71 @@ def save_segmentation_grid(
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _draw_boxes(axis: object, boxes: Tensor, labels: Tensor, colours: Sequence, captions: list[str]) -> None:
+    from matplotlib.patches import Rectangle
+
+    for box, label, caption in zip(boxes.tolist(), labels.tolist(), captions):
+        x1, y1, x2, y2 = box
+        colour = colours[int(label) % len(colours)]
+        axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.0))
+        axis.text(x1, y1, caption, color="black", fontsize=4, va="bottom",
+                  bbox=dict(facecolor=colour, alpha=0.8, pad=0.5, linewidth=0))
+
+
+def save_detection_grid(
+    images: Tensor, ground_truth: list[dict[str, Tensor]], teacher: list[dict[str, Tensor]],
+    student: list[dict[str, Tensor]], path: str | Path, mean: Sequence[float], std: Sequence[float],
+    classes: Sequence[str], cls_threshold: float, reg_threshold: float, min_score: float = 0.5,
+) -> Path:
+    """One row per image: ground truth / teacher pseudo-box candidates / student detections.
+
+    Args:
+        images: ``[N, C, H, W]`` normalised.
+        ground_truth: per image ``boxes`` ``[n, 4]`` xyxy and ``labels``.
+        teacher: per image candidates with ``scores`` and ``uncertainty``; drawn solid when they pass
+            ``cls_threshold`` (classification) and captioned ``score / uncertainty`` with a ``*`` when the
+            uncertainty is below ``reg_threshold`` (regression).
+        student: per image detections; those above ``min_score`` are drawn.
+        classes: names by label (0 = background).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab10")(range(10))
+    shown = denormalize(images.detach().float().cpu(), mean, std)
+    n = shown.shape[0]
+    titles = ["ground truth", f"teacher (solid: score > {cls_threshold}; *: unc < {reg_threshold})",
+              f"student (score > {min_score})"]
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    short = [name.split("/")[0][:8] for name in classes]
+    for i in range(n):
+        image = shown[i].permute(1, 2, 0).numpy()
+        gt, tea = ground_truth[i], {k: v.cpu() for k, v in teacher[i].items()}
+        stu = {k: v.cpu() for k, v in student[i].items()}
+        keep = stu["scores"] > min_score
+        for j in range(3):
+            axes[i][j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            axes[i][j].axis("off")
+        _draw_boxes(axes[i][0], gt["boxes"].cpu(), gt["labels"].cpu(), colours, [short[c] for c in gt["labels"].tolist()])
+        captions = [f"{short[c]} {s:.2f}/{u:.3f}{'*' if u < reg_threshold else ''}"
+                    for c, s, u in zip(tea["labels"].tolist(), tea["scores"].tolist(), tea["uncertainty"].tolist())]
+        confident = tea["scores"] > cls_threshold
+        _draw_boxes(axes[i][1], tea["boxes"][confident], tea["labels"][confident], colours,
+                    [c for c, k in zip(captions, confident.tolist()) if k])
+        for patch_box, label, caption in zip(tea["boxes"][~confident], tea["labels"][~confident],
+                                             [c for c, k in zip(captions, confident.tolist()) if not k]):
+            _draw_boxes(axes[i][1], patch_box[None], label[None], [(0.6, 0.6, 0.6, 1.0)] * 10, [caption])
+        _draw_boxes(axes[i][2], stu["boxes"][keep], stu["labels"][keep], colours,
+                    [f"{short[c]} {s:.2f}" for c, s in zip(stu["labels"][keep].tolist(), stu["scores"][keep].tolist())])
+        if i == 0:
+            for j, title in enumerate(titles):
+                axes[i][j].set_title(title, fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

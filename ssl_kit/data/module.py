@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -102,10 +102,11 @@ class ImageDataModule(pl.LightningDataModule):
         return load_splits(self.source, self.root, self.in_chans, self.decode_size, self.val_fraction, self.verify_images, self.seed)
 
     def make_loader(self, dataset: Dataset, train: bool, batch_size: int | None = None, seed_salt: int = 0,
-                    num_samples: int | None = None) -> DataLoader:
+                    num_samples: int | None = None, collate_fn: Callable | None = None) -> DataLoader:
         """Seeded shuffling for training (exact resume), plain order otherwise.
 
-        ``num_samples`` (training) sets the images per epoch, drawn as consecutive permutations.
+        ``num_samples`` (training) sets the images per epoch, drawn as consecutive permutations;
+        ``collate_fn`` replaces the default stacking (e.g. detection targets of varying size).
         """
         batch_size = batch_size or self.batch_size
         return DataLoader(
@@ -116,6 +117,7 @@ class ImageDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=train and (num_samples or len(dataset)) > batch_size,
+            collate_fn=collate_fn,
         )
 
 

@@ -30,13 +30,13 @@ from typing import Any, Sequence
 import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ssl_kit.data.fashion_mnist import load_fashion_mnist
 from ssl_kit.data.fmnist_scenes import SCENE_CLASSES, SceneDataset, make_scenes
 from ssl_kit.data.image_folder import ImageFolderDataset, scan_image_folder
 from ssl_kit.data.mask_folder import MaskFolderDataset, scan_mask_folder
-from ssl_kit.data.module import ImageDataModule
+from ssl_kit.data.labeled_unlabeled import ImagesOnly, LabeledUnlabeledDataModule
 from ssl_kit.errors import UserError
 
 log = logging.getLogger("ssl_kit")
@@ -77,20 +77,7 @@ class JointAugment(nn.Module):
         return self.normalise(x)
 
 
-class ImagesOnly(Dataset):
-    """The image part of another data set's items (masks of unlabeled images are never used)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.dataset[i][0]
-
-
-class SegmentationDataModule(ImageDataModule):
+class SegmentationDataModule(LabeledUnlabeledDataModule):
     """Labeled ``(image, mask)`` batches of ``batch_size`` and ``unlabeled_ratio * batch_size`` unlabeled images.
 
     Args:
@@ -113,6 +100,8 @@ class SegmentationDataModule(ImageDataModule):
         verify_images: open every file once at setup (errors name the file).
         seed: scenes, subset, order and augmentation seed.
     """
+
+    task = "segmentation"
 
     def __init__(
         self,
@@ -140,24 +129,17 @@ class SegmentationDataModule(ImageDataModule):
                             "for the built-in Fashion-MNIST scenes.")
         super().__init__(root, "folder" if root else "fashion_mnist", img_size, in_chans, batch_size, num_workers,
                          decode_size or img_size, 0.0, verify_images, seed)
-        if unlabeled_ratio < 0:
-            raise UserError(f"--data.unlabeled_ratio must be >= 0, got {unlabeled_ratio}.")
+        self.init_split(unlabeled_ratio)
         if root is None:
             num_classes = num_classes or len(SCENE_CLASSES)
         elif num_classes is None:
             raise UserError("--data.num_classes is needed with your own masks: the number of classes, background "
                             "included (mask values 0..K-1, 255 = ignore).")
         self._num_classes = num_classes
-        self.unlabeled_ratio, self.labeled_images = unlabeled_ratio, labeled_images
+        self.labeled_images = labeled_images
         self.train_scenes, self.val_scenes, self.objects = train_scenes, val_scenes, tuple(objects)
         self.object_size, self.texture = tuple(object_size), texture
         self.augment = JointAugment(img_size, self.mean, self.std, tuple(crop_scale), hflip)
-        self.full_train: Dataset | None = None
-        self.train_set: Dataset | None = None
-        self.unlabeled_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.subset_indices: list[int] | None = None
-        self.classes: list[str] = []
 
     @property
     def num_classes(self) -> int:
@@ -172,21 +154,8 @@ class SegmentationDataModule(ImageDataModule):
         count = n if self.labeled_images is None else self.labeled_images
         if not 1 <= count <= n:
             raise UserError(f"--data.labeled_images {count} must be between 1 and the {n} training images.")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + 3)).tolist()
-        self.subset_indices = sorted(order[:count])
-        self.train_set = Subset(self.full_train, self.subset_indices)
-        pools = [ImagesOnly(Subset(self.full_train, sorted(order[count:])))] if count < n else []
-        pools += [extra_unlabeled] if extra_unlabeled is not None else []
-        if self.unlabeled_ratio > 0:
-            if not pools:
-                raise UserError("No unlabeled images: set --data.labeled_images below the number of training images, "
-                                "add root/unlabeled/, or train supervised only with --data.unlabeled_ratio 0.")
-            self.unlabeled_set = ConcatDataset(pools) if len(pools) > 1 else pools[0]
-            if len(self.unlabeled_set) < self.unlabeled_ratio * self.batch_size:
-                raise UserError(f"{len(self.unlabeled_set)} unlabeled images are fewer than one unlabeled batch of "
-                                f"{self.unlabeled_ratio * self.batch_size}: lower --data.unlabeled_ratio or --data.batch_size.")
-        log.info("segmentation data: %d labeled, %d unlabeled, %d validation images, %d classes", len(self.train_set),
-                 len(self.unlabeled_set) if self.unlabeled_set is not None else 0, len(self.val_set), self.num_classes)
+        self.split_train(count, extra_unlabeled, "set --data.labeled_images below the number of training images "
+                         "or add root/unlabeled/")
 
     def _builtin(self) -> None:
         self.classes = list(SCENE_CLASSES)
@@ -224,23 +193,6 @@ class SegmentationDataModule(ImageDataModule):
                                           "indices": self.subset_indices, "files": files}) + "\n")
 
     # ------------------------------------------------------------------ loaders
-    @property
-    def steps_per_epoch(self) -> int:
-        """One pass over the unlabeled images (over all training images when supervised only, so the baseline
-        takes as many steps)."""
-        self.setup()
-        if self.unlabeled_set is not None:
-            return max(1, len(self.unlabeled_set) // (self.unlabeled_ratio * self.batch_size))
-        return max(1, len(self.full_train) // self.batch_size)
-
-    def train_dataloader(self) -> dict[str, DataLoader]:
-        steps = self.steps_per_epoch
-        loaders = {"labeled": self.make_loader(self.train_set, True, num_samples=steps * self.batch_size)}
-        if self.unlabeled_set is not None:
-            batch = self.unlabeled_ratio * self.batch_size
-            loaders["unlabeled"] = self.make_loader(self.unlabeled_set, True, batch, seed_salt=1, num_samples=steps * batch)
-        return loaders
-
     def val_dataloader(self) -> DataLoader:
         self.setup()
         return self.make_loader(self.val_set, False, batch_size=64)

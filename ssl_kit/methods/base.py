@@ -140,3 +140,25 @@ class SSLMethod(pl.LightningModule):
                 "Lower the learning rate (--model.base_lr), enable gradient clipping "
                 "(--trainer.gradient_clip_val 3.0), or use bf16 instead of fp16."
             )
+
+
+class StudentTeacherMethod(SSLMethod):
+    """A method whose ``self.student`` trains and whose EMA copy ``self.teacher`` (same structure, both with an
+    ``.encoder`` ViT) makes the targets and is evaluated and exported (U2PL, Soft Teacher)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+
+    @property
+    def encoder(self) -> torch.nn.Module:  # type: ignore[override]
+        return self.student.encoder
+
+    def export_module(self) -> torch.nn.Module:
+        return self.teacher.encoder
+
+    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        return [(self.student, self.teacher)]
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        return self.teacher.encoder(images)

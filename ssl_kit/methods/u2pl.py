@@ -18,7 +18,7 @@ from ssl_kit.losses.u2pl import (
     IGNORE, ClassMemoryBank, high_entropy_mask, low_entropy_mask, negative_candidates, pixel_entropy,
     u2pl_contrastive, unreliable_percent, unsupervised_ce,
 )
-from ssl_kit.methods.base import SSLMethod
+from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import pretrained_or_random
 from ssl_kit.teacher import EMATeacher, make_teacher
 
@@ -28,7 +28,7 @@ def downsample_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0].to(maps.dtype)
 
 
-class U2PL(SSLMethod):
+class U2PL(StudentTeacherMethod):
     """Student = ViT + segmentation head, trained on labeled images (CE) and on CutMix-ed unlabeled images
     with the EMA teacher's pseudo labels: CE on reliable pixels (entropy below the ``100 - alpha_t``
     percentile, ``alpha_t = alpha0 (1 - epoch / E)``) + ``contrastive_weight`` x the contrastive loss whose
@@ -117,26 +117,12 @@ class U2PL(SSLMethod):
         self.val_miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE)
 
     # ------------------------------------------------------------------ contract
-    @property
-    def encoder(self) -> torch.nn.Module:  # type: ignore[override]
-        return self.student.encoder
-
-    def export_module(self) -> torch.nn.Module:
-        return self.teacher.encoder
-
-    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-        return [(self.student, self.teacher)]
-
     def default_callbacks(self) -> list[pl.Callback]:
         return [EMATeacher(schedule="inverse", cap=self.hparams.ema_decay, start_epoch=self.hparams.sup_only_epochs)]
 
     def forward(self, images: Tensor) -> Tensor:
         """``[B, C, H, W]`` -> teacher logits ``[B, K, H, W]``."""
         return self.teacher(images).logits
-
-    @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
-        return self.teacher.encoder(images)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None

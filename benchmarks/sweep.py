@@ -1,0 +1,64 @@
+"""What the recipe-sweep benchmarks share: run one ``ssl-pretrain`` command, read a metric's curve from its
+``metrics.csv``, and keep a JSON of results that is rewritten after every run (a partial sweep keeps its rows)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def metric_curve(run_dir: Path, name: str) -> list[float]:
+    """Every value of ``name`` the run logged, in order."""
+    return [float(r[name]) for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(name)]
+
+
+def load_results(out: Path, protocol: str) -> dict:
+    return json.loads(out.read_text()) if out.is_file() else {"protocol": protocol, "runs": {}}
+
+
+def run_and_record(cmd: list[str], run_dir: Path, metrics: list[str], result: dict, name: str, out: Path,
+                   **info: object) -> dict:
+    """Run ``cmd``; record the last value and the per-epoch curve of each metric, the wall time and the command."""
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
+    row: dict = dict(info)
+    for metric in metrics:
+        curve = metric_curve(run_dir, metric)
+        row[metric], row[f"{metric}_per_epoch"] = curve[-1], curve
+    row.update(wall_s=round(wall, 1), command=" ".join(cmd))
+    result["runs"][name] = row
+    print(json.dumps(row), flush=True)
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return row
+
+
+def sweep_parser(doc: str, methods: list[str], runs: str, result: str, inits: list[str]) -> argparse.ArgumentParser:
+    """The options every sweep takes: where the MAE encoder is, which inits / methods, where runs and results go,
+    and extra ``ssl-pretrain`` overrides."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mae_encoder", help="encoder export of an MAE run (needed for --inits mae)")
+    parser.add_argument("--inits", nargs="+", default=inits, choices=["random", "mae"])
+    parser.add_argument("--methods", nargs="+", default=methods)
+    parser.add_argument("--runs", default=runs)
+    parser.add_argument("--result", default=result)
+    parser.add_argument("overrides", nargs="*", help="extra ssl-pretrain overrides for every run")
+    return parser
+
+
+def parse_sweep_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if "mae" in args.inits and not args.mae_encoder:
+        parser.error("--inits mae needs --mae_encoder")
+    return args
+
+
+def init_args(init: str, mae_encoder: str | None) -> list[str]:
+    """``ssl-pretrain`` arguments for a start: nothing for random init, ``--model.init_from`` for MAE."""
+    return ["--model.init_from", mae_encoder] if init == "mae" else []

@@ -1,0 +1,265 @@
+"""Soft Teacher: end-to-end semi-supervised object detection (Xu et al. ICCV 2021), METHODS.md section 7, on
+the shared ViT through a ViTDet simple feature pyramid inside torchvision's Faster R-CNN."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+from ssl_kit.data.box_geometry import clip_and_keep, map_boxes, transform_boxes
+from ssl_kit.errors import UserError
+from ssl_kit.eval.encoder_source import load_encoder
+from ssl_kit.heads.detection import ViTDetector
+from ssl_kit.losses.soft_teacher import box_uncertainty, confident, jitter_boxes, reliable, soft_background_ce
+from ssl_kit.methods.base import StudentTeacherMethod
+from ssl_kit.methods.classifier import pretrained_or_random
+from ssl_kit.teacher import EMATeacher, make_teacher
+
+log = logging.getLogger("ssl_kit")
+Features = OrderedDict[str, Tensor]
+Targets = list[dict[str, Tensor]]
+
+
+def split_features(features: Features, n: int) -> tuple[Features, Features]:
+    """Pyramid maps of a concatenated batch -> (first ``n`` images, the rest)."""
+    return (OrderedDict((k, v[:n]) for k, v in features.items()), OrderedDict((k, v[n:]) for k, v in features.items()))
+
+
+class SoftTeacher(StudentTeacherMethod):
+    """Student = ViT detector trained on labeled images (Faster R-CNN losses) and, from the first step, on
+    strong views of unlabeled images with the EMA teacher's pseudo boxes found on their weak views:
+
+    * teacher detections (after NMS) with score > ``initial_score`` (0.5) are pseudo-box candidates;
+    * RPN and classification: candidates with score > ``cls_threshold`` (0.9, strict); student proposals
+      assigned to background are weighted by the teacher's background probability of the same box, carried
+      into the weak view (:func:`ssl_kit.losses.soft_teacher.soft_background_ce`);
+    * box regression: candidates whose box-jitter uncertainty (``jitter_times`` copies, sigma
+      ``jitter_scale`` of the box size, refined by the teacher's box head) is below ``reg_threshold`` (0.02),
+      whatever their score;
+    * total = supervised + ``unsup_weight`` (4.0) x unsupervised; teacher EMA ``min(ema_decay, 1 - 1/(i+1))``.
+
+    With ``unsup_weight 0`` (or ``--data.unlabeled_ratio 0``) it is supervised-only training of the same
+    detector (the ``det_supervised`` recipe). The teacher is evaluated (val mAP) and its encoder exported.
+
+    Choices: the teacher runs in eval mode (its RPN keeps the test-time proposal counts); labeled images get
+    flip + photometric jitter; box-jitter std is unbiased (the reference code's ``Tensor.std``).
+
+    Args:
+        encoder, encoder_kwargs, patch_size, img_size, in_chans: the ViT (random init).
+        num_classes: classes including background (11 for the built-in scenes).
+        init_from: start from a pretrained checkpoint / encoder export (any method).
+        drop_path_rate: stochastic depth.
+        fpn_channels, strides, anchor_sizes, rpn_pre_nms, rpn_post_nms, rpn_batch, roi_batch, representation:
+            the detector (:class:`ssl_kit.heads.detection.ViTDetector`).
+        unsup_weight: weight of the unsupervised losses (4.0).
+        initial_score: teacher score for a pseudo-box candidate (0.5).
+        cls_threshold: score a pseudo box needs for classification and RPN (0.9, strict).
+        reg_threshold: uncertainty below which a pseudo box supervises regression (0.02, strict).
+        jitter_times, jitter_scale: box jittering (10, 0.06).
+        ema_decay: teacher momentum cap (0.999).
+        base_lr: AdamW lr per 256 LABELED images; head_lr_scale: lr multiplier of pyramid + RPN + RoI heads.
+        min_lr, warmup_epochs, weight_decay, betas: schedule and optimiser.
+    """
+
+    checkpoint_monitor = ("val_map", "max")
+
+    def __init__(
+        self,
+        encoder: str = "tiny",
+        encoder_kwargs: dict[str, Any] | None = None,
+        patch_size: int = 8,
+        img_size: int = 128,
+        in_chans: int = 1,
+        num_classes: int = 11,
+        init_from: str | None = None,
+        drop_path_rate: float = 0.1,
+        fpn_channels: int = 128,
+        strides: Sequence[int] = (4, 8, 16, 32),
+        anchor_sizes: Sequence[int] = (16, 32, 64, 128),
+        rpn_pre_nms: tuple[int, int] = (1000, 500),
+        rpn_post_nms: tuple[int, int] = (500, 200),
+        rpn_batch: int = 256,
+        roi_batch: int = 128,
+        representation: int = 256,
+        unsup_weight: float = 4.0,
+        initial_score: float = 0.5,
+        cls_threshold: float = 0.9,
+        reg_threshold: float = 0.02,
+        jitter_times: int = 10,
+        jitter_scale: float = 0.06,
+        ema_decay: float = 0.999,
+        base_lr: float = 0.128,
+        head_lr_scale: float = 1.0,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 0.1,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise UserError(f"--model.num_classes must be >= 2 (background included), got {num_classes}.")
+        if jitter_times < 2:
+            raise UserError(f"--model.jitter_times must be >= 2 to measure a spread, got {jitter_times}.")
+        self.save_hyperparameters()
+        source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
+        vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate)
+        self.student = ViTDetector(vit, num_classes, fpn_channels, strides, anchor_sizes, tuple(rpn_pre_nms),
+                                   tuple(rpn_post_nms), rpn_batch, roi_batch, representation)
+        self.teacher = make_teacher(self.student)
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        self._epoch_pseudo_boxes = 0
+
+    # ------------------------------------------------------------------ contract
+    def default_callbacks(self) -> list[pl.Callback]:
+        return [EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
+
+    def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """``[B, C, H, W]`` -> the teacher's detections (``boxes``, ``scores``, ``labels`` per image)."""
+        return self.teacher.detect(images)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and getattr(dm, "num_classes", None) not in (None, self.hparams.num_classes):
+            raise UserError(f"The data have {dm.num_classes} classes (background included) but the model was built for "
+                            f"{self.hparams.num_classes}: pass --model.num_classes {dm.num_classes}.")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.hparams.img_size, self.hparams.img_size)
+
+    # ------------------------------------------------------------------ pseudo boxes
+    @torch.no_grad()
+    def pseudo_boxes(self, images: Tensor, features: Features | None = None) -> list[dict[str, Tensor]]:
+        """Teacher (eval mode) candidates in the images' own view: ``boxes`` ``[n, 4]``, ``labels``, ``scores`` and
+        the box-jitter ``uncertainty`` of every detection with score > ``initial_score``."""
+        hp = self.hparams
+        self.teacher.eval()
+        features = self.teacher.features(images) if features is None else features
+        detections = self.teacher.detect_from_features(images, features)
+        kept = [{k: v[d["scores"] > hp.initial_score] for k, v in d.items()} for d in detections]
+        jittered = [jitter_boxes(d["boxes"], hp.jitter_times, hp.jitter_scale) for d in kept]  # [T, n, 4] each
+        refined = self.teacher.refine_boxes(features, [j.reshape(-1, 4) for j in jittered],
+                                            [d["labels"].repeat(hp.jitter_times) for d in kept], self.image_size)
+        for d, r in zip(kept, refined):
+            d["uncertainty"] = box_uncertainty(r.reshape(hp.jitter_times, -1, 4))
+        return kept
+
+    def strong_view_targets(self, pseudo: list[dict[str, Tensor]], weak_to_strong: Tensor) -> tuple[Targets, Targets]:
+        """Pseudo boxes carried into the student's view: (classification / RPN targets, regression targets)."""
+        boxes, kept = map_boxes([p["boxes"] for p in pseudo], weak_to_strong, self.hparams.img_size)
+        cls_targets, reg_targets = [], []
+        for b, p, k in zip(boxes, pseudo, kept):
+            for targets, keep in ((cls_targets, confident(p["scores"][k], self.hparams.cls_threshold)),
+                                  (reg_targets, reliable(p["uncertainty"][k], self.hparams.reg_threshold))):
+                targets.append({"boxes": b[keep], "labels": p["labels"][k][keep]})
+        return cls_targets, reg_targets
+
+    # ------------------------------------------------------------------ training
+    @property
+    def semi_supervised(self) -> bool:
+        return self.hparams.unsup_weight > 0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images, targets = batch["labeled"]
+        n_l = len(images)
+        if not self.semi_supervised or "unlabeled" not in batch:
+            losses = self.student.supervised_losses(images, self.student.features(images), targets)
+            loss = sum(losses.values())
+            self.log_dict({"loss_sup": loss.detach(), **{f"sup_{k}": v.detach() for k, v in losses.items()}},
+                          on_step=True, on_epoch=False, batch_size=n_l)
+            return self.report_loss(loss, n_l)
+
+        views = batch["unlabeled"]
+        with torch.no_grad():
+            self.teacher.eval()
+            teacher_features = self.teacher.features(views["weak"])
+            pseudo = self.pseudo_boxes(views["weak"], teacher_features)
+        cls_targets, reg_targets = self.strong_view_targets(pseudo, views["weak_to_strong"])
+
+        features = self.student.features(torch.cat([images, views["strong"]]))
+        labeled_features, unlabeled_features = split_features(features, n_l)
+        sup_losses = self.student.supervised_losses(images, labeled_features, targets)
+        unsup_losses, info = self.unsupervised_losses(views, unlabeled_features, teacher_features, cls_targets, reg_targets)
+        sup, unsup = sum(sup_losses.values()), sum(unsup_losses.values())
+        loss = sup + self.hparams.unsup_weight * unsup
+
+        n_u = len(pseudo)
+        confident_boxes = sum(len(t["boxes"]) for t in cls_targets)
+        self._epoch_pseudo_boxes += confident_boxes
+        self.log_dict({
+            "loss_sup": sup.detach(), "loss_unsup": unsup.detach(),
+            **{f"unsup_{k}": v.detach() for k, v in unsup_losses.items()},
+            "pseudo_boxes_per_image": confident_boxes / n_u,
+            "candidate_boxes_per_image": sum(len(p["boxes"]) for p in pseudo) / n_u,
+            "reliable_boxes_per_image": sum(len(t["boxes"]) for t in reg_targets) / n_u,
+            **info,
+        }, on_step=True, on_epoch=False, batch_size=n_l)
+        return self.report_loss(loss, n_l)
+
+    def unsupervised_losses(self, views: dict[str, Tensor], features: Features, teacher_features: Features,
+                            cls_targets: Targets, reg_targets: Targets) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Student losses on the strong view: RPN and soft-teacher classification on confident pseudo boxes,
+        box regression on reliable ones."""
+        student = self.student
+        image_list = student.image_list(views["strong"])
+        proposals, rpn_losses = student.rpn(image_list, features, cls_targets)
+
+        sampled, _, labels, _ = student.roi_heads.select_training_samples(proposals, cls_targets)
+        class_logits, _ = student.classify_boxes(features, sampled, self.image_size)
+        to_weak = torch.linalg.inv(views["weak_to_strong"])
+        in_weak = [clip_and_keep(transform_boxes(b, m), self.hparams.img_size, 0.0)[0] for b, m in zip(sampled, to_weak)]
+        with torch.no_grad():
+            teacher_logits, _ = self.teacher.classify_boxes(teacher_features, in_weak, self.image_size)
+        background_prob = teacher_logits.softmax(dim=-1)[:, 0]
+        labels = torch.cat(labels)
+        loss_cls = soft_background_ce(class_logits, labels, background_prob)
+
+        sampled, _, reg_labels, reg_values = student.roi_heads.select_training_samples(proposals, reg_targets)
+        reg_logits, box_deltas = student.classify_boxes(features, sampled, self.image_size)
+        _, loss_box = fastrcnn_loss(reg_logits, box_deltas, reg_labels, reg_values)
+        losses = {"loss_objectness": rpn_losses["loss_objectness"], "loss_rpn_box_reg": rpn_losses["loss_rpn_box_reg"],
+                  "loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        background = labels == 0
+        info = {"background_weight_mean": background_prob[background].mean() if background.any() else torch.ones(())}
+        return losses, info
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_pseudo_boxes = 0
+
+    def on_train_epoch_end(self) -> None:
+        if self.semi_supervised and self._epoch_pseudo_boxes == 0:
+            log.warning("Epoch %d: no teacher detection passed --model.cls_threshold %.2f, so the unlabeled images only "
+                        "taught 'background'. This is expected early from a random init; if it persists, train longer "
+                        "or start from a pretrained encoder (--model.init_from).", self.current_epoch,
+                        self.hparams.cls_threshold)
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: tuple[Tensor, Targets], batch_idx: int) -> None:
+        images, targets = batch
+        self.val_map.update(self(images), targets)
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_map.compute()
+        self.log_dict({"val_map": result["map"], "val_map50": result["map_50"]}, prog_bar=True, sync_dist=False)
+        self.val_map.reset()
+
+    @torch.no_grad()
+    def detection_panels(self, images: Tensor) -> dict[str, list[dict[str, Tensor]]]:
+        """For pictures: the teacher's pseudo-box candidates (with score and uncertainty) and the student's
+        detections for ``[B, C, H, W]`` images."""
+        was_training = self.teacher.training
+        panels = {"teacher": self.pseudo_boxes(images), "student": self.student.detect(images)}
+        self.teacher.train(was_training)
+        return panels
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        student = self.student
+        return self.adamw_warmup_cosine(
+            {"encoder": student.encoder, "pyramid": student.pyramid, "rpn": student.rpn, "roi_heads": student.roi_heads},
+            lr_scales={name: self.hparams.head_lr_scale for name in ("pyramid", "rpn", "roi_heads")})

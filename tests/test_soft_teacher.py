@@ -1,0 +1,182 @@
+"""Soft Teacher (METHODS.md section 7): schedule, thresholds, soft background loss, jitter uncertainty, box
+mapping between views, and the detector's pieces."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_kit.data.box_geometry import (
+    edge_to_centre, flip_matrices, map_boxes, rotation_matrices, shear_matrices, transform_boxes, translation_matrices,
+)
+from ssl_kit.data.detection_module import DetectionAugment
+from ssl_kit.data.detection_scenes import tight_box
+from ssl_kit.errors import UserError
+from ssl_kit.heads.detection import SimpleFeaturePyramid
+from ssl_kit.losses.soft_teacher import box_uncertainty, confident, jitter_boxes, reliable, soft_background_ce
+from ssl_kit.methods.soft_teacher import SoftTeacher
+
+TINY = dict(encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, img_size=64, fpn_channels=16,
+            anchor_sizes=(8, 16, 32, 64), representation=32, rpn_pre_nms=(100, 50), rpn_post_nms=(50, 20),
+            roi_batch=32, rpn_batch=64, jitter_times=4)
+
+
+@pytest.fixture(scope="module")
+def method():
+    torch.manual_seed(0)
+    return SoftTeacher(**TINY)
+
+
+def test_teacher_momentum_is_0_then_half_then_capped_at_0_999(method):
+    (ema,) = method.default_callbacks()
+    assert [ema.momentum(i, 10_000) for i in (0, 1, 999, 5000)] == pytest.approx([0.0, 0.5, 0.999, 0.999])
+
+
+def test_score_exactly_at_threshold_is_dropped_and_uncertainty_threshold_is_strict():
+    assert confident(torch.tensor([0.9, 0.9001, 0.5]), 0.9).tolist() == [False, True, False]
+    assert reliable(torch.tensor([0.019, 0.021, 0.02]), 0.02).tolist() == [True, False, False]
+
+
+def two_jitters_with_std(box: torch.Tensor, std: float) -> torch.Tensor:
+    """Refined jitters [2, 1, 4] whose mean is ``box`` and whose unbiased std is ``std`` per coordinate."""
+    d = std / math.sqrt(2.0)
+    return torch.stack([box - d, box + d])[:, None]
+
+
+def test_uncertainty_is_std_over_box_size_averaged_over_coordinates():
+    box = torch.tensor([10.0, 20.0, 110.0, 220.0])  # w 100, h 200
+    refined = torch.stack([box, box, box])[:, None].clone()  # [3, 1, 4]
+    refined[:, 0, 0] += torch.tensor([-1.0, 0.0, 1.0])  # x1: std 1 -> 1 / 100
+    refined[:, 0, 3] += torch.tensor([-4.0, 0.0, 4.0])  # y2: std 4 -> 4 / 200
+    assert box_uncertainty(refined).item() == pytest.approx((0.01 + 0.02) / 4)
+    square = torch.tensor([0.0, 0.0, 100.0, 100.0])
+    kept, dropped = box_uncertainty(two_jitters_with_std(square, 1.9)), box_uncertainty(two_jitters_with_std(square, 2.1))
+    assert (kept.item(), dropped.item()) == pytest.approx((0.019, 0.021), rel=1e-5)
+    assert reliable(torch.cat([kept, dropped]), 0.02).tolist() == [True, False]
+
+
+def test_pseudo_boxes_reach_the_strong_view_by_score_for_classification_and_by_uncertainty_for_regression(method):
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 8.0, 60.0, 20.0], [5.0, 40.0, 25.0, 60.0]])
+    pseudo = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.9, 0.95, 0.6]),
+               "uncertainty": torch.tensor([0.019, 0.021, 0.001])}]
+    shift = translation_matrices(torch.tensor([[3.0, -2.0]]))
+    cls_targets, reg_targets = method.strong_view_targets(pseudo, shift)
+    assert cls_targets[0]["labels"].tolist() == [2]  # 0.9 is not > 0.9; 0.6 is not confident
+    assert torch.equal(cls_targets[0]["boxes"], torch.tensor([[43.0, 6.0, 63.0, 18.0]]))
+    assert reg_targets[0]["labels"].tolist() == [1, 3]  # uncertainty < 0.02, whatever the score
+
+
+def test_all_background_with_teacher_probability_half_gives_the_plain_mean_ce():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(64, 11), torch.zeros(64, dtype=torch.long)
+    loss = soft_background_ce(logits, labels, torch.full((64,), 0.5))
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_soft_background_ce_hand_computed():
+    logits = torch.tensor([[0.0, 0.0, math.log(2.0)], [math.log(3.0), 0.0, 0.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([2, 0, 0])
+    bg = torch.tensor([0.99, 0.2, 0.6])  # the foreground proposal keeps weight 1 whatever its bg probability
+    ce = [-math.log(2 / 4), -math.log(3 / 5), -math.log(1 / 3)]
+    expected = (1.0 * ce[0] + 0.2 * ce[1] + 0.6 * ce[2]) / (1.0 + 0.2 + 0.6)
+    assert soft_background_ce(logits, labels, bg).item() == pytest.approx(expected, rel=1e-6)
+    # a tiny weight sum is normalised by 1, not blown up
+    tiny = soft_background_ce(logits[1:], labels[1:], torch.tensor([0.1, 0.1]))
+    assert tiny.item() == pytest.approx(0.1 * (ce[1] + ce[2]), rel=1e-6)
+    # no gradient reaches the teacher's probabilities
+    bg.requires_grad_(True)
+    soft_background_ce(logits.requires_grad_(True), labels, bg).backward()
+    assert bg.grad is None
+
+
+def test_jitter_offsets_have_sigma_0_06_of_the_box_side():
+    box = torch.tensor([[0.0, 0.0, 50.0, 200.0]])
+    jittered = jitter_boxes(box, times=20000, scale=0.06, generator=torch.Generator().manual_seed(0))
+    assert jittered.shape == (20000, 1, 4)
+    std = (jittered - box).std(dim=0)[0]
+    assert std.tolist() == pytest.approx([3.0, 12.0, 3.0, 12.0], rel=0.03)
+
+
+def random_maps(n: int, size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    flips = flip_matrices(torch.rand(n, generator=g) < 0.5, size)
+    shifts = translation_matrices((torch.rand(n, 2, generator=g) - 0.5) * 40)
+    scales = torch.eye(3).repeat(n, 1, 1)
+    scales[:, 0, 0], scales[:, 1, 1] = 0.5 + torch.rand(n, generator=g), 0.5 + torch.rand(n, generator=g)
+    return shifts @ scales @ flips
+
+
+def test_box_mapping_round_trips_between_weak_and_strong_view():
+    boxes = torch.tensor([[3.5, 7.25, 40.0, 90.0], [60.0, 1.0, 127.0, 30.5]])
+    for m in random_maps(16, 128):
+        back = transform_boxes(transform_boxes(boxes, m), torch.linalg.inv(m))
+        assert torch.allclose(back, boxes, atol=1e-4)
+    # rotations and shears map corners exactly both ways; a box mapped there and back still holds the original
+    m = (rotation_matrices(torch.tensor([30.0]), 128) @ shear_matrices(torch.tensor([20.0]), torch.tensor([True]), 128))[0]
+    corners = torch.tensor([[3.5, 7.25, 1.0], [40.0, 90.0, 1.0]])
+    assert torch.allclose((torch.linalg.inv(m) @ (m @ corners.T)).T, corners, atol=1e-4)
+    back = transform_boxes(transform_boxes(boxes, m), torch.linalg.inv(m))
+    assert (back[:, :2] <= boxes[:, :2] + 1e-4).all() and (back[:, 2:] >= boxes[:, 2:] - 1e-4).all()
+
+
+def test_boxes_follow_their_pixels_through_the_warp():
+    """The recorded matrix maps a box exactly as kornia moves its pixels (edge vs centre coordinates)."""
+    size = 64
+    image = torch.zeros(1, 1, size, size)
+    image[0, 0, 10:20, 30:50] = 1.0  # box [30, 10, 50, 20]
+    box = torch.tensor([[30.0, 10.0, 50.0, 20.0]])
+    augment = DetectionAugment(size, [0.0], [1.0])
+    maps = torch.cat([translation_matrices(torch.tensor([[5.0, -3.0]])), flip_matrices(torch.tensor([True]), size),
+                      rotation_matrices(torch.tensor([90.0]), size)])
+    for m in maps:
+        warped = augment.warp(image, m[None])[0, 0] > 0.5
+        assert torch.allclose(tight_box(warped), transform_boxes(box, m)[0], atol=1e-3), m
+
+
+def test_boxes_leaving_the_strong_view_are_dropped_with_their_labels():
+    boxes = [torch.tensor([[2.0, 2.0, 12.0, 12.0], [30.0, 30.0, 40.0, 40.0]])]
+    mapped, kept = map_boxes(boxes, translation_matrices(torch.tensor([[-20.0, 0.0]])), 64)
+    assert kept[0].tolist() == [1] and mapped[0].tolist() == [[10.0, 30.0, 20.0, 40.0]]
+
+
+def test_edge_to_centre_conjugates_by_half_a_pixel():
+    flip = flip_matrices(torch.tensor([True]), 10)[0]
+    assert torch.allclose(edge_to_centre(flip) @ torch.tensor([0.0, 0.0, 1.0]), torch.tensor([9.0, 0.0, 1.0]))
+
+
+def test_simple_feature_pyramid_builds_strides_4_to_32_from_one_map():
+    pyramid = SimpleFeaturePyramid(embed_dim=32, patch_size=8, out_channels=16)
+    maps = pyramid(torch.randn(2, 32, 16, 16))  # a 128 px image at patch 8
+    assert {k: tuple(v.shape) for k, v in maps.items()} == {
+        "p2": (2, 16, 32, 32), "p3": (2, 16, 16, 16), "p4": (2, 16, 8, 8), "p5": (2, 16, 4, 4)}
+    with pytest.raises(UserError, match="powers of two"):
+        SimpleFeaturePyramid(32, 12)
+
+
+def test_unsupervised_step_trains_the_student_only_and_reports_pseudo_boxes(method):
+    torch.manual_seed(0)
+    n = 2
+    images = torch.randn(n, 1, 64, 64)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 30.0, 40.0]]), "labels": torch.tensor([4])} for _ in range(n)]
+    views = {"weak": torch.randn(3, 1, 64, 64), "strong": torch.randn(3, 1, 64, 64),
+             "weak_to_strong": translation_matrices(torch.tensor([[2.0, 1.0]] * 3))}
+    method.train()
+    with torch.no_grad():
+        pseudo = method.pseudo_boxes(views["weak"])
+    assert all(set(p) == {"boxes", "labels", "scores", "uncertainty"} for p in pseudo)
+    assert all((p["scores"] > 0.5).all() for p in pseudo)
+    # a confident and a reliable pseudo box per image, so every unsupervised loss is active
+    fake = [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([3]),
+             "scores": torch.tensor([0.95]), "uncertainty": torch.tensor([0.01])}] * 3
+    cls_t, reg_t = method.strong_view_targets(fake, views["weak_to_strong"])
+    teacher_features = method.teacher.features(views["weak"])
+    features = method.student.features(views["strong"])
+    losses, info = method.unsupervised_losses(views, features, teacher_features, cls_t, reg_t)
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_box_reg"] > 0
+    assert 0 < float(info["background_weight_mean"]) < 1
+    sum(losses.values()).backward()
+    assert method.student.roi_heads.box_predictor.bbox_pred.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in method.teacher.parameters())
+    sup = method.student.supervised_losses(images, method.student.features(images), targets)
+    assert all(torch.isfinite(v) for v in sup.values())
