@@ -180,3 +180,21 @@ def test_unsupervised_step_trains_the_student_only_and_reports_pseudo_boxes(meth
     assert all(p.grad is None for p in method.teacher.parameters())
     sup = method.student.supervised_losses(images, method.student.features(images), targets)
     assert all(torch.isfinite(v) for v in sup.values())
+
+
+def test_pretrained_encoder_is_resampled_to_the_detector_patch(tmp_path):
+    from ssl_kit.encoders import build_encoder, resolve_encoder_spec
+    from ssl_kit.export import export_encoder
+
+    spec = resolve_encoder_spec("tiny", img_size=32, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2)
+    pretrained = build_encoder(spec)
+    export_encoder(pretrained, spec, tmp_path / "encoder")
+    kwargs = dict(TINY, init_from=str(tmp_path / "encoder"))
+    kwargs.pop("encoder_kwargs")
+    resampled = SoftTeacher(**kwargs, patch_size=8)  # the MAE recipe's patch 4 -> the detector's patch 8 at 64 px
+    assert resampled.encoder.patch_embed.patch_size == (8, 8) and resampled.encoder.pos_embed.shape[1] == 1 + 8 * 8
+    assert resampled.encoder_spec.kwargs["patch_size"] == 8
+    assert torch.equal(resampled.encoder.blocks[0].mlp.fc1.weight, pretrained.blocks[0].mlp.fc1.weight)
+    kept = SoftTeacher(**kwargs, patch_size=None)
+    assert kept.encoder.patch_embed.patch_size == (4, 4)
+    assert torch.equal(kept.encoder.patch_embed.proj.weight, pretrained.patch_embed.proj.weight)

@@ -86,7 +86,8 @@ def load_encoder(
         source: checkpoint, export or random-init name.
         img_size: evaluation resolution (the position embedding is resampled if it differs).
         in_chans: channels of the evaluation data (must match the encoder's).
-        **overrides: timm kwargs for evaluation (``num_classes``, ``global_pool``, ``drop_path_rate``).
+        **overrides: timm kwargs for evaluation (``num_classes``, ``global_pool``, ``drop_path_rate``; a different
+            ``patch_size`` resamples the patch embedding).
 
     Returns:
         The model and the spec it was built from (with the overrides applied).
@@ -110,7 +111,11 @@ def load_encoder(
             f"The encoder was trained on {trained_chans}-channel images but the data have {in_chans}: "
             f"pass --data.in_chans {trained_chans}."
         )
-    patch = spec.kwargs.get("patch_size", 16)
+    trained_patch = spec.kwargs.get("patch_size", 16)
+    patch = overrides.get("patch_size", trained_patch)
+    if patch != trained_patch:
+        log.warning("Encoder trained with patch %s, used with patch %s: patch embedding resampled (timm "
+                    "resample_patch_embed, pseudo-inverse resize).", trained_patch, patch)
     if img_size % patch:
         raise UserError(f"--data.img_size {img_size} is not divisible by the encoder's patch size {patch}.")
     kwargs = dict(spec.kwargs, img_size=img_size, **overrides)
@@ -118,7 +123,7 @@ def load_encoder(
     if trained_size is not None and trained_size != img_size:
         log.warning(
             "Encoder trained at %s px, evaluated at %s px: position embedding resampled (bicubic) from a "
-            "%dx%d to a %dx%d patch grid.", trained_size, img_size, trained_size // patch, trained_size // patch,
+            "%dx%d to a %dx%d patch grid.", trained_size, img_size, trained_size // trained_patch, trained_size // trained_patch,
             img_size // patch, img_size // patch,
         )
     filtered = checkpoint_filter_fn(state, model)

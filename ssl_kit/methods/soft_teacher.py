@@ -51,7 +51,9 @@ class SoftTeacher(StudentTeacherMethod):
     flip + photometric jitter; box-jitter std is unbiased (the reference code's ``Tensor.std``).
 
     Args:
-        encoder, encoder_kwargs, patch_size, img_size, in_chans: the ViT (random init).
+        encoder, encoder_kwargs, img_size, in_chans: the ViT (random init).
+        patch_size: patch of the ViT (random init: 8 when None); with ``init_from`` a pretrained encoder's patch
+            embedding is resampled to it (None keeps the encoder's own patch).
         num_classes: classes including background (11 for the built-in scenes).
         init_from: start from a pretrained checkpoint / encoder export (any method).
         drop_path_rate: stochastic depth.
@@ -73,7 +75,7 @@ class SoftTeacher(StudentTeacherMethod):
         self,
         encoder: str = "tiny",
         encoder_kwargs: dict[str, Any] | None = None,
-        patch_size: int = 8,
+        patch_size: int | None = 8,
         img_size: int = 128,
         in_chans: int = 1,
         num_classes: int = 11,
@@ -107,8 +109,10 @@ class SoftTeacher(StudentTeacherMethod):
         if jitter_times < 2:
             raise UserError(f"--model.jitter_times must be >= 2 to measure a spread, got {jitter_times}.")
         self.save_hyperparameters()
-        source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
-        vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate)
+        source = pretrained_or_random(init_from, encoder, patch_size or 8, encoder_kwargs)
+        resample = {"patch_size": patch_size} if init_from and patch_size else {}
+        vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate,
+                                              **resample)
         self.student = ViTDetector(vit, num_classes, fpn_channels, strides, anchor_sizes, tuple(rpn_pre_nms),
                                    tuple(rpn_post_nms), rpn_batch, roi_batch, representation)
         self.teacher = make_teacher(self.student)
