@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -82,7 +83,7 @@ class PseudoLabelPictures(pl.Callback):
                                self.out_dir / f"pseudo_labels_epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
 
 
-class ValidationPictures(pl.Callback):
+class ValidationPictures(pl.Callback, ABC):
     """Each epoch, draw what the method makes of the first ``num_images`` validation items into
     ``out_dir/{name}_epoch_NNN.png``; subclasses say which method hook they need and how to draw.
 
@@ -107,8 +108,9 @@ class ValidationPictures(pl.Callback):
         samples = [val[i] for i in range(min(self.num_images, len(val)))]
         self.draw(dm, pl_module, samples, self.out_dir / f"{self.name}_epoch_{trainer.current_epoch:03d}.png")
 
+    @abstractmethod
     def draw(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
-        raise NotImplementedError
+        """Draw ``samples`` (validation items as the data set returns them) into ``path``."""
 
 
 class SegmentationPictures(ValidationPictures):
