@@ -76,10 +76,13 @@ def steps_per_epoch(trainer: pl.Trainer) -> float:
     return max(batches // trainer.accumulate_grad_batches, 1)
 
 
-def _fused_ok(groups: list[dict[str, Any]]) -> bool:
+def _fused_ok(groups: list[dict[str, Any]], trainer: pl.Trainer | None = None) -> bool:
     """The fused AdamW kernel (one pass over all tensors, ~10x faster than the CPU for-loop) applies
-    to float parameters on CPU or CUDA; same update rule."""
+    to float parameters on CPU or CUDA; same update rule. Not with mixed precision AND gradient clipping:
+    the fused kernel unscales fp16 gradients itself, so Lightning's AMP plugin refuses to clip them."""
     params = [p for g in groups for p in g["params"]]
+    if trainer is not None and trainer.gradient_clip_val and str(trainer.precision).endswith("-mixed"):
+        return False
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
@@ -112,7 +115,7 @@ def adamw_warmup_cosine(
     for group in groups:  # a group's "lr_scale" (e.g. a segmentation head at 10x) multiplies the scaled lr
         if "lr_scale" in group:
             group["lr"] = lr * group.pop("lr_scale")
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=_fused_ok(groups))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=_fused_ok(groups, trainer))
     return with_warmup_cosine(trainer, optimizer, warmup_epochs, min_lr / lr if lr > 0 else 0.0)
 
 

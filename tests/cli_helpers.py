@@ -57,5 +57,8 @@ def run_cpu_ddp(args: list, devices: int = 2, strategy: str = "ddp", timeout: in
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "ssl_kit.cli", *map(str, args), "--trainer.accelerator", "cpu",
            "--trainer.devices", str(devices), "--trainer.strategy", strategy]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(3):  # the free port Lightning picked can be taken by a concurrent run: try another
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if "EADDRINUSE" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-2000:]

@@ -334,7 +334,7 @@ def test_datamodule_state_dict_round_trip(tmp_path):
     dm = PretrainDataModule(root=str(tmp_path), num_workers=0)
     dm.train_batches_seen = 17
     state = dm.state_dict()
-    assert state == {"train_batches_seen": 17}
+    assert state == {"train_batches_seen": 17, "world_size": 1, "batch_size": 256, "accumulate_grad_batches": 1}
     fresh = PretrainDataModule(root=str(tmp_path), num_workers=0)
     assert fresh.train_batches_seen == 0
     fresh.load_state_dict(state)

@@ -59,6 +59,9 @@ class ClassificationDataModule(ImageDataModule):
         val_fraction: held-out fraction when a folder has no ``val/``.
         verify_images: open every file once and skip unreadable ones.
         seed: subset, order and augmentation seed.
+        draw_group_size: images of the global batch that share one random stream (augmentation, masks);
+            unset = one stream per device batch. Runs whose per-device batch is a multiple of it draw
+            the same for every image on any number of processes (``ssl_kit.distributed``).
     """
 
     def __init__(
@@ -78,8 +81,10 @@ class ClassificationDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         verify_images: bool = True,
         seed: int = 0,
+        draw_group_size: int | None = None,
     ) -> None:
-        super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, decode_size, val_fraction, verify_images, seed)
+        super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, decode_size, val_fraction, verify_images, seed,
+                         draw_group_size)
         self.labels_per_class = labels_per_class
         self.train_transform = self._train_transform(train_augment, crop_scale, rand_augment_magnitude, random_erase)
         self.splits: Splits | None = None

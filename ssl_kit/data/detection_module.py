@@ -149,6 +149,9 @@ class DetectionDataModule(LabeledUnlabeledDataModule):
         num_workers: loader processes (0 for the in-memory scenes).
         verify_images: open every COCO image once at setup (errors name the file).
         seed: scenes, subset, order and augmentation seed.
+        draw_group_size: images of the global batch that share one random stream (augmentation, masks);
+            unset = one stream per device batch. Runs whose per-device batch is a multiple of it draw
+            the same for every image on any number of processes (``ssl_kit.distributed``).
     """
 
     task = "detection"
@@ -178,6 +181,7 @@ class DetectionDataModule(LabeledUnlabeledDataModule):
         num_workers: int | None = None,
         verify_images: bool = True,
         seed: int = 0,
+        draw_group_size: int | None = None,
     ) -> None:
         if root is not None and not Path(root).expanduser().is_dir():
             raise UserError(f"--data.root {root} does not exist: pass your COCO images folder, or leave it unset for "
@@ -185,7 +189,7 @@ class DetectionDataModule(LabeledUnlabeledDataModule):
         if root is not None and (train_annotations is None or val_annotations is None):
             raise UserError("With --data.root, pass --data.train_annotations and --data.val_annotations (COCO JSON).")
         super().__init__(root, "folder" if root else "fashion_mnist", img_size, in_chans, batch_size, num_workers,
-                         img_size, 0.0, verify_images, seed)
+                         img_size, 0.0, verify_images, seed, draw_group_size)
         self.init_split(unlabeled_ratio)
         if not 0.0 < labeled_fraction <= 1.0:
             raise UserError(f"--data.labeled_fraction must be in (0, 1], got {labeled_fraction}.")
@@ -259,9 +263,9 @@ class DetectionDataModule(LabeledUnlabeledDataModule):
         if not isinstance(batch, dict):
             images, targets = batch
             return self.eval_images(images), targets
-        self.seed_training_batch()
+        draws = self.seed_training_batch()
         augment = self.augment.to(batch["labeled"][0].device)
-        out: dict[str, Any] = {"labeled": augment.labeled(*batch["labeled"])}
+        out: dict[str, Any] = {"labeled": draws.run("labeled", augment.labeled, *batch["labeled"])}
         if "unlabeled" in batch:
-            out["unlabeled"] = augment.unlabeled(batch["unlabeled"])
+            out["unlabeled"] = draws.run("unlabeled", augment.unlabeled, batch["unlabeled"])
         return out

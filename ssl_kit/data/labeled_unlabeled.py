@@ -76,15 +76,17 @@ class LabeledUnlabeledDataModule(ImageDataModule):
         """One pass over the unlabeled images (over all training images when supervised only, so the baseline
         takes as many steps)."""
         self.setup()
+        global_batch = self.batch_size * self._world()[1]
         if self.unlabeled_set is not None:
-            return max(1, len(self.unlabeled_set) // (self.unlabeled_ratio * self.batch_size))
-        return max(1, len(self.full_train) // self.batch_size)
+            return max(1, len(self.unlabeled_set) // (self.unlabeled_ratio * global_batch))
+        return max(1, len(self.full_train) // global_batch)
 
     def train_dataloader(self) -> dict[str, DataLoader]:
-        steps = self.steps_per_epoch
-        loaders = {"labeled": self.make_loader(self.train_set, True, num_samples=steps * self.batch_size,
+        steps, world = self.steps_per_epoch, self._world()[1]
+        loaders = {"labeled": self.make_loader(self.train_set, True, num_samples=steps * self.batch_size * world,
                                                collate_fn=self.collate_fn)}
         if self.unlabeled_set is not None:
             batch = self.unlabeled_ratio * self.batch_size
-            loaders["unlabeled"] = self.make_loader(self.unlabeled_set, True, batch, seed_salt=1, num_samples=steps * batch)
+            loaders["unlabeled"] = self.make_loader(self.unlabeled_set, True, batch, seed_salt=1,
+                                                    num_samples=steps * batch * world)
         return loaders

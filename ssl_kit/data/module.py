@@ -7,14 +7,16 @@ Sources (``dataset``):
   monitor and not pretrained on);
 * ``auto`` (default): ``fashion_mnist`` when ``root`` is unset or holds the IDX files, else ``folder``.
 
-Exact resume: the train sampler is reshuffled from ``seed + epoch``, and before each training
-batch is augmented the global RNG is seeded from (seed, rank, number of training batches seen),
-a counter kept in this module's ``state_dict`` (saved in every checkpoint). Augmentation and the
-method's random masking therefore repeat exactly after a resume.
+Exact resume, and the same training on any number of processes (``ssl_kit.distributed``): the train
+sampler is a :class:`~ssl_kit.distributed.GlobalBatchSampler` (one global batch sequence from
+``seed + epoch``, each process a contiguous share), and every random draw of a training step is made
+per draw group under a seed of (seed, training batches seen, group, site). The counter of training
+batches seen is kept in this module's ``state_dict`` (saved in every checkpoint), with the world size
+and batch it was reached with, so augmentation and masks repeat exactly after a resume, and a resume
+on another number of processes says what changed.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Any, Callable, Literal
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from ssl_kit.data.augment import EvalTransform, MultiCropAugment, TrainAugment
 from ssl_kit.data.splits import Splits, channel_stats, load_splits, resolve_source
+from ssl_kit.distributed import DrawPlan, GlobalBatchSampler, check_draw_groups, step_seed
 from ssl_kit.errors import UserError
 
 log = logging.getLogger("ssl_kit")
@@ -53,10 +56,22 @@ def default_num_workers(source: str) -> int:
     return 0 if source == "fashion_mnist" else min(8, os.cpu_count() or 1)
 
 
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def log_world_change(saved: dict[str, Any], world: int, accumulate: int, batch_size: int) -> None:
+    """Say how a resumed run's processes and batch differ from the checkpoint's, and what that means."""
+    before = (int(saved["world_size"]), int(saved["batch_size"]), int(saved.get("accumulate_grad_batches", 1)))
+    after = (world, batch_size, accumulate)
+    if before == after:
+        return
+    global_before, global_after = before[0] * before[1] * before[2], world * batch_size * accumulate
+    change = (f"resuming a run of {before[0]} process(es) x {before[1]} images x {before[2]} accumulation on "
+              f"{world} x {batch_size} x {accumulate}")
+    if global_before == global_after:
+        log.info("%s: the same global batch of %d, so training continues exactly as it would have (same order, "
+                 "same draws when --data.draw_group_size is set, same lr).", change, global_after)
+    else:
+        log.warning("%s: the global batch changes %d -> %d. The optimizer state and the lr continue from the checkpoint "
+                    "(not rescaled for the new batch); the warmup + cosine schedule is recomputed for the new steps per "
+                    "epoch; the data order and draws from here on differ from the original run.", change, global_before, global_after)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -68,6 +83,7 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self, root: str | None, dataset: str, img_size: int, in_chans: int | None, batch_size: int,
         num_workers: int | None, decode_size: int | None, val_fraction: float, verify_images: bool, seed: int,
+        draw_group_size: int | None = None,
     ) -> None:
         super().__init__()
         self.root = root
@@ -82,20 +98,34 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_fraction, self.verify_images, self.seed = val_fraction, verify_images, seed
         self.mean, self.std = channel_stats(self.source, self.in_chans)
         self.eval_transform = EvalTransform(img_size, self.mean, self.std)
+        self.draw_groups = check_draw_groups(batch_size, draw_group_size)
         self.train_batches_seen = 0
+        self.draws: DrawPlan | None = None
 
-    def seed_training_batch(self) -> None:
-        """Seed the global RNG from (seed, rank, training batches seen) before augmenting a training batch,
-        so augmentation (and the method's random draws) repeat exactly after a resume."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+    def _world(self) -> tuple[int, int, int]:
+        """(rank, world size, gradient accumulation) of the attached trainer (1 process without one)."""
+        t = self.trainer
+        return (t.global_rank, t.world_size, t.accumulate_grad_batches) if t is not None else (0, 1, 1)
+
+    def seed_training_batch(self) -> DrawPlan:
+        """Start a training batch: the draw plan of its groups (augmentation, masks: world-size independent),
+        and the global RNG seeded from (seed, rank, batches seen) for anything drawn outside a group
+        (dropout, stochastic depth). Both repeat exactly after a resume."""
+        rank = self._world()[0]
+        self.draws = DrawPlan(self.seed, self.train_batches_seen, rank * self.draw_groups, self.draw_groups)
         torch.manual_seed(step_seed(self.seed, rank, self.train_batches_seen))
         self.train_batches_seen += 1
+        return self.draws
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_batches_seen": self.train_batches_seen}
+        _, world, accumulate = self._world()
+        return {"train_batches_seen": self.train_batches_seen, "world_size": world, "batch_size": self.batch_size,
+                "accumulate_grad_batches": accumulate}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_batches_seen = int(state_dict.get("train_batches_seen", 0))
+        if "world_size" in state_dict:
+            log_world_change(state_dict, *self._world()[1:], self.batch_size)
 
     def load_splits(self) -> Splits:
         """Train / val splits of this module's source."""
@@ -103,20 +133,23 @@ class ImageDataModule(pl.LightningDataModule):
 
     def make_loader(self, dataset: Dataset, train: bool, batch_size: int | None = None, seed_salt: int = 0,
                     num_samples: int | None = None, collate_fn: Callable | None = None) -> DataLoader:
-        """Seeded shuffling for training (exact resume), plain order otherwise.
+        """Training: the process's share of a seeded global batch sequence (exact resume, any world size);
+        plain order otherwise.
 
-        ``num_samples`` (training) sets the images per epoch, drawn as consecutive permutations;
-        ``collate_fn`` replaces the default stacking (e.g. detection targets of varying size).
+        ``num_samples`` (training) sets the images per epoch (all processes together), drawn as consecutive
+        permutations; ``collate_fn`` replaces the default stacking (e.g. detection targets of varying size).
         """
         batch_size = batch_size or self.batch_size
+        rank, world, _ = self._world()
+        sampler = GlobalBatchSampler(dataset, batch_size, world, rank, self.seed + seed_salt, num_samples) if train else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSeededRandomSampler(dataset, self.seed + seed_salt, num_samples) if train else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=train and (num_samples or len(dataset)) > batch_size,
+            drop_last=train,
             collate_fn=collate_fn,
         )
 
@@ -141,6 +174,9 @@ class PretrainDataModule(ImageDataModule):
         val_fraction: held-out fraction for the k-NN monitor when a folder has no ``val/`` split.
         verify_images: open every file once at start and skip unreadable ones (with a report).
         seed: data order and augmentation seed.
+        draw_group_size: images of the global batch that share one random stream (augmentation, masks);
+            unset = one stream per device batch. Runs whose per-device batch is a multiple of it draw
+            the same for every image on any number of processes (``ssl_kit.distributed``).
     """
 
     def __init__(
@@ -160,8 +196,10 @@ class PretrainDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         verify_images: bool = True,
         seed: int = 0,
+        draw_group_size: int | None = None,
     ) -> None:
-        super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, decode_size, val_fraction, verify_images, seed)
+        super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, decode_size, val_fraction, verify_images, seed,
+                         draw_group_size)
         self.knn_train_size = knn_train_size
         self.knn_test_size = knn_test_size
         self.train_augment = TrainAugment(img_size, self.mean, self.std, crop_scale, hflip, color_jitter)
@@ -219,8 +257,8 @@ class PretrainDataModule(ImageDataModule):
         """Augment training batches on the device (uint8 -> normalised float views)."""
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
-            self.seed_training_batch()
-            return self.train_augment.to(images.device)(images), labels
+            draws = self.seed_training_batch()
+            return draws.run("augment", self.train_augment.to(images.device), images), labels
         return self.eval_transform.to(images.device)(images), labels
 
     def eval_images(self, images: Tensor) -> Tensor:

@@ -99,6 +99,9 @@ class SegmentationDataModule(LabeledUnlabeledDataModule):
         decode_size: side files are decoded to (default img_size).
         verify_images: open every file once at setup (errors name the file).
         seed: scenes, subset, order and augmentation seed.
+        draw_group_size: images of the global batch that share one random stream (augmentation, masks);
+            unset = one stream per device batch. Runs whose per-device batch is a multiple of it draw
+            the same for every image on any number of processes (``ssl_kit.distributed``).
     """
 
     task = "segmentation"
@@ -123,12 +126,13 @@ class SegmentationDataModule(LabeledUnlabeledDataModule):
         decode_size: int | None = None,
         verify_images: bool = True,
         seed: int = 0,
+        draw_group_size: int | None = None,
     ) -> None:
         if root is not None and not Path(root).expanduser().is_dir():
             raise UserError(f"--data.root {root} does not exist: pass your segmentation folder, or leave it unset "
                             "for the built-in Fashion-MNIST scenes.")
         super().__init__(root, "folder" if root else "fashion_mnist", img_size, in_chans, batch_size, num_workers,
-                         decode_size or img_size, 0.0, verify_images, seed)
+                         decode_size or img_size, 0.0, verify_images, seed, draw_group_size)
         self.init_split(unlabeled_ratio)
         if root is None:
             num_classes = num_classes or len(SCENE_CLASSES)
@@ -212,9 +216,9 @@ class SegmentationDataModule(LabeledUnlabeledDataModule):
                 masks = nn.functional.interpolate(masks[:, None].float(), size=(self.img_size, self.img_size),
                                                   mode="nearest")[:, 0]
             return self.eval_images(images), masks.long()
-        self.seed_training_batch()
+        draws = self.seed_training_batch()
         augment = self.augment.to(batch["labeled"][0].device)
-        out: dict[str, Any] = {"labeled": augment(*batch["labeled"])}
+        out: dict[str, Any] = {"labeled": draws.run("labeled", augment, *batch["labeled"])}
         if "unlabeled" in batch:
-            out["unlabeled"] = augment.images_only(batch["unlabeled"])
+            out["unlabeled"] = draws.run("unlabeled", augment.images_only, batch["unlabeled"])
         return out

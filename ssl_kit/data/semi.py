@@ -50,6 +50,9 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         val_fraction: held-out fraction when the labeled folder has no ``val/``.
         verify_images: open every file once and skip unreadable ones.
         seed: subset, order and augmentation seed.
+        draw_group_size: images of the global batch that share one random stream (augmentation, masks);
+            unset = one stream per device batch. Runs whose per-device batch is a multiple of it draw
+            the same for every image on any number of processes (``ssl_kit.distributed``).
     """
 
     def __init__(
@@ -72,9 +75,11 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         val_fraction: float = 0.1,
         verify_images: bool = True,
         seed: int = 0,
+        draw_group_size: int | None = None,
     ) -> None:
         super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, labels_per_class, "none",
-                         decode_size=decode_size, val_fraction=val_fraction, verify_images=verify_images, seed=seed)
+                         decode_size=decode_size, val_fraction=val_fraction, verify_images=verify_images, seed=seed,
+                         draw_group_size=draw_group_size)
         if mu < 0:
             raise UserError(f"--data.mu must be >= 0 (unlabeled images per labeled image), got {mu}.")
         self.unlabeled_root, self.mu, self.val_size = unlabeled_root, mu, val_size
@@ -122,17 +127,18 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         """One epoch = one pass over the unlabeled images (over the train split when supervised only)."""
         self.setup()
         pool = len(self.unlabeled_set) // self.mu if self.unlabeled_set is not None else len(self.splits.train)
-        return max(1, pool // self.batch_size)
+        return max(1, pool // (self.batch_size * self._world()[1]))
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         self.setup()
         steps = self.steps_per_epoch
         # the small labeled set is cycled as consecutive fresh permutations, as long as the unlabeled epoch
-        loaders = {"labeled": self.make_loader(self.train_set, True, num_samples=steps * self.batch_size)}
+        world = self._world()[1]
+        loaders = {"labeled": self.make_loader(self.train_set, True, num_samples=steps * self.batch_size * world)}
         if self.unlabeled_set is not None:
             unlabeled_batch = self.mu * self.batch_size
             loaders["unlabeled"] = self.make_loader(self.unlabeled_set, True, unlabeled_batch, seed_salt=1,
-                                                    num_samples=steps * unlabeled_batch)
+                                                    num_samples=steps * unlabeled_batch * world)
         return loaders
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -140,13 +146,13 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         if not isinstance(batch, dict):
             images, labels = batch
             return self.eval_transform.to(images.device)(images), labels
-        self.seed_training_batch()
+        draws = self.seed_training_batch()
         augment = self.augment.to(batch["labeled"][0].device)
         images, labels = batch["labeled"]
-        out: dict[str, Any] = {"labeled": (augment.weak(images), labels)}
+        out: dict[str, Any] = {"labeled": (draws.run("labeled", augment.weak, images), labels)}
         if "unlabeled" in batch:
             unlabeled = batch["unlabeled"][0]
-            out["unlabeled"] = augment.weak_and_strong(unlabeled)
+            out["unlabeled"] = draws.run("unlabeled", augment.weak_and_strong, unlabeled)
         return out
 
     def val_dataloader(self) -> DataLoader:

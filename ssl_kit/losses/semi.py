@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_kit.distributed import global_mean
+
 TSA_SCHEDULES = ("linear", "log", "exp", "none")
 
 
@@ -40,13 +42,14 @@ def tsa_cross_entropy(logits: Tensor, targets: Tensor, threshold: float, label_s
         label_smoothing: as ``F.cross_entropy``.
 
     Returns:
-        ``(sum of kept losses / max(#kept, 1), kept mask [B] bool)``.
+        ``(sum of kept losses / max(#kept, 1), kept mask [B] bool)``; under DDP both sums run over all
+        processes (:func:`ssl_kit.distributed.global_mean`), so the loss is the 1-process loss of the global batch.
     """
     per_example = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
     with torch.no_grad():
         p_correct = logits.softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
         kept = p_correct <= threshold
-    loss = (per_example * kept).sum() / kept.sum().clamp(min=1)
+    loss = global_mean((per_example * kept).sum(), kept.sum())  # over the kept examples of the GLOBAL batch
     return loss, kept
 
 

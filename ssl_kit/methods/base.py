@@ -70,6 +70,31 @@ class SSLMethod(pl.LightningModule):
             loss = loss + extra
         super().backward(loss, *args, **kwargs)
 
+    def draw(self, site: str, fn: Callable[..., Any], *inputs: Any, rows: int | None = None) -> Any:
+        """A random draw of the current training step (masks, box jitter), made per draw group of the global
+        batch (:class:`ssl_kit.distributed.DrawPlan`) so it is the same on any number of processes.
+        Outside a training step (pictures, evaluation) ``fn`` runs as is: ``fn(*inputs)`` or ``fn(rows)``."""
+        trainer = self._trainer
+        plan = getattr(getattr(trainer, "datamodule", None), "draws", None) if trainer is not None else None
+        if plan is None or not self.training:
+            return fn(*inputs) if inputs else fn(rows)
+        return plan.run(site, fn, *inputs, rows=rows)
+
+    def draw_mean(self, site: str, fn: Callable[..., tuple[Tensor, dict[str, Any]]], *inputs: Any) -> tuple[Tensor, dict[str, Any]]:
+        """A training step whose statistics are per device in the reference (percentiles, proposal sampling,
+        normalisers), run per draw group (:meth:`ssl_kit.distributed.DrawPlan.mean`) so that one process with
+        several groups trains like several processes. ``fn`` returns ``(loss, logs)``."""
+        plan = getattr(getattr(self._trainer, "datamodule", None), "draws", None) if self._trainer is not None else None
+        if plan is None or not self.training:
+            return fn(*inputs)
+        return plan.mean(site, fn, *inputs)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """The step's draw plan ends with the step (pictures drawn later use the plain RNG)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "draws"):
+            datamodule.draws = None
+
     def adamw_warmup_cosine(self, modules: dict[str, torch.nn.Module], lr_scales: dict[str, float] | None = None) -> dict[str, Any]:
         """AdamW with no weight decay on biases / 1-D params, lr = base_lr * effective batch / 256, per-step
         warmup + cosine, from the method's ``base_lr``, ``weight_decay``, ``warmup_epochs``, ``betas``, ``min_lr``.

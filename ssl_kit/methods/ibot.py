@@ -169,8 +169,9 @@ class IBOT(SSLMethod):
             dict with ``loss``, ``cls_loss``, ``patch_loss`` and the teacher logits (for the centers).
         """
         g, b = 2, views[0].shape[0]
-        if masks is None:
-            masks = self.sample_masks(g, b, views[0].device)
+        if masks is None:  # drawn per image group: [B, G, L] while drawing, [G, B, L] after
+            masks = self.draw("mask", lambda n: self.sample_masks(g, n, views[0].device).transpose(0, 1),
+                              rows=b).transpose(0, 1).contiguous()
         length = masks.shape[-1]
         global_images = torch.cat(views[:g])
         with torch.no_grad():

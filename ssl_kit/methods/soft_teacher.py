@@ -171,15 +171,26 @@ class SoftTeacher(StudentTeacherMethod):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, targets = batch["labeled"]
-        n_l = len(images)
-        if not self.semi_supervised or "unlabeled" not in batch:
+        unlabeled = batch.get("unlabeled") if self.semi_supervised else None
+        loss, logs = self.draw_mean("step", self.step_losses, images, targets, unlabeled)
+        if "pseudo_boxes" in logs:
+            self._epoch_pseudo_boxes += int(round(float(logs.pop("pseudo_boxes")) * self._draw_groups()))
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(images))
+        return self.report_loss(loss, len(images))
+
+    def _draw_groups(self) -> int:
+        return getattr(getattr(self.trainer, "datamodule", None), "draw_groups", 1)
+
+    def step_losses(self, images: Tensor, targets: Targets,
+                    views: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The loss of one device batch (normalisers, proposal sampling and pseudo boxes are per device, as in
+        the reference): ``(loss, logs)``."""
+        if views is None:
             losses = self.student.supervised_losses(images, self.student.features(images), targets)
             loss = sum(losses.values())
-            self.log_dict({"loss_sup": loss.detach(), **{f"sup_{k}": v.detach() for k, v in losses.items()}},
-                          on_step=True, on_epoch=False, batch_size=n_l)
-            return self.report_loss(loss, n_l)
+            return loss, {"loss_sup": loss.detach(), **{f"sup_{k}": v.detach() for k, v in losses.items()}}
 
-        views = batch["unlabeled"]
+        n_l = len(images)
         with torch.no_grad():
             self.teacher.eval()
             teacher_features = self.teacher.features(views["weak"])
@@ -195,16 +206,15 @@ class SoftTeacher(StudentTeacherMethod):
 
         n_u = len(pseudo)
         confident_boxes = sum(len(t["boxes"]) for t in cls_targets)
-        self._epoch_pseudo_boxes += confident_boxes
-        self.log_dict({
+        return loss, {
             "loss_sup": sup.detach(), "loss_unsup": unsup.detach(),
             **{f"unsup_{k}": v.detach() for k, v in unsup_losses.items()},
+            "pseudo_boxes": confident_boxes,
             "pseudo_boxes_per_image": confident_boxes / n_u,
             "candidate_boxes_per_image": sum(len(p["boxes"]) for p in pseudo) / n_u,
             "reliable_boxes_per_image": sum(len(t["boxes"]) for t in reg_targets) / n_u,
             **info,
-        }, on_step=True, on_epoch=False, batch_size=n_l)
-        return self.report_loss(loss, n_l)
+        }
 
     def unsupervised_losses(self, views: dict[str, Tensor], features: Features, teacher_features: Features,
                             cls_targets: Targets, reg_targets: Targets) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
