@@ -88,7 +88,9 @@ class PretrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None, help="Output folder (default runs/RECIPE/TIME).")
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="Checkpoint to resume from; 'last': the newest of RUN_DIR/checkpoints/last.ckpt and "
+                            "RUN_DIR/hpc_ckpt_N.ckpt (SLURM requeue), a fresh start when there is none.")
         parser.add_argument("--knn_every_n_epochs", type=int, default=1, help="k-NN monitor frequency (0 = off).")
         parser.add_argument("--qscore", type=bool, default=False,
                             help="Add the Q-score regulariser (lambda 1e-4, 1e-4) and the Q-score/sparsity monitor.")
@@ -102,6 +104,8 @@ class PretrainCLI(LightningCLI):
         if cfg.get("run_dir"):
             return Path(cfg["run_dir"])
         ckpt = cfg.get("ckpt_path")
+        if ckpt == "last":
+            raise UserError("--ckpt_path last resumes the newest checkpoint of a run folder: pass --run_dir too.")
         if ckpt and Path(ckpt).parent.name == "checkpoints":
             return Path(ckpt).parent.parent  # resume continues the same run folder
         return Path("runs") / self.recipe_name / time.strftime("%Y%m%d-%H%M%S")
@@ -150,9 +154,24 @@ class PretrainCLI(LightningCLI):
             callbacks.append(extra)
         logger = self.config_init["trainer"].get("logger")
         if logger in (None, True):
+            keep_earlier_metrics(run_dir)
             logger = CSVLogger(save_dir=str(run_dir), name="", version="")
         kwargs.update(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
         return super().instantiate_trainer(**kwargs)
+
+
+@rank_zero_only
+def keep_earlier_metrics(run_dir: Path) -> None:
+    """A resumed (or requeued) run writes into the same folder, where Lightning's CSVLogger deletes the earlier
+    ``metrics.csv``: keep it as ``metrics.partN.csv`` (N = 1, 2, ...) instead."""
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        return
+    part = 1
+    while (run_dir / f"metrics.part{part}.csv").exists():
+        part += 1
+    metrics.rename(run_dir / f"metrics.part{part}.csv")
+    log.info("earlier metrics of this run folder kept as %s", run_dir / f"metrics.part{part}.csv")
 
 
 @rank_zero_only
@@ -188,6 +207,17 @@ def find_user_error(err: BaseException) -> UserError | None:
     return None
 
 
+def newest_checkpoint(run_dir: Path) -> str | None:
+    """``--ckpt_path last``: the newest of ``RUN/checkpoints/last*.ckpt`` and the checkpoints Lightning writes on
+    SLURM's requeue signal (``RUN/hpc_ckpt_N.ckpt``); None when the run folder has neither (first start).
+
+    Lightning's own ``ckpt_path="last"`` ignores hpc_ckpt files, and its SLURM auto-resume (``ckpt_path=None``)
+    takes the highest hpc_ckpt even when last.ckpt is newer, hence the modification-time choice here.
+    """
+    found = [*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
 def pretrain_main(args: Sequence[str] | None = None) -> int:
     """Entry point of ``ssl-pretrain``; returns the process exit code."""
     setup_logging()
@@ -218,7 +248,14 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
         )
         if cli.config.get("init_weights"):
             load_initial_weights(cli.model, Path(cli.config["init_weights"]))
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+        ckpt_path = cli.config.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = newest_checkpoint(cli.run_path)
+            if ckpt_path is None and rank_zero_only.rank == 0:
+                log.info("--ckpt_path last: no checkpoint in %s yet, starting fresh", cli.run_path)
+        if ckpt_path and rank_zero_only.rank == 0:
+            log.info("resuming from %s", ckpt_path)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except Exception as err:  # a UserError, possibly wrapped by jsonargparse while instantiating classes
         user_error = find_user_error(err)
         if user_error is None:

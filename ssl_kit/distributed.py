@@ -48,7 +48,8 @@ class GlobalBatchSampler(DistributedSampler):
     The order is consecutive permutations of the data set drawn from ``seed * 1_000_003 + epoch``
     (``num_samples`` images per epoch, default one pass), cut into global batches of
     ``per_device_batch * num_replicas``; process ``rank`` yields rows ``[rank b, (rank + 1) b)`` of each.
-    A trailing partial global batch is dropped. Being a DistributedSampler, Lightning keeps it under DDP
+    A trailing partial global batch is dropped (one process with fewer images than a batch gets them all
+    as one smaller batch). Being a DistributedSampler, Lightning keeps it under DDP
     and calls ``set_epoch``.
     """
 
@@ -58,12 +59,16 @@ class GlobalBatchSampler(DistributedSampler):
         self.per_device_batch = per_device_batch
         self.images_per_epoch = num_samples or len(dataset)
         self.steps = self.images_per_epoch // (per_device_batch * num_replicas)
-        if self.steps == 0:
+        # one process with fewer images than a batch (a few-label fine-tune): one smaller batch per epoch
+        self.partial = self.steps == 0 and num_replicas == 1
+        if self.steps == 0 and not self.partial:
             raise UserError(
                 f"{self.images_per_epoch} training images per epoch are fewer than one global batch of "
                 f"{per_device_batch} x {num_replicas} processes: lower --data.batch_size or add images."
             )
-        self.num_samples = self.steps * per_device_batch  # DistributedSampler.__len__
+        if self.partial:
+            self.steps, self.per_device_batch = 1, self.images_per_epoch
+        self.num_samples = self.steps * self.per_device_batch  # DistributedSampler.__len__
         self.total_size = self.num_samples * num_replicas
 
     def global_order(self) -> Tensor:

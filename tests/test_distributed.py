@@ -39,6 +39,8 @@ def test_global_batch_sampler_epochs_and_long_epochs():
     assert list(s) == first  # as after a resume
     with pytest.raises(UserError, match="fewer than one global batch of 4 x 4 processes"):
         GlobalBatchSampler(data, per_device_batch=4, num_replicas=4)
+    small = GlobalBatchSampler(data, per_device_batch=16)  # one process, fewer images than a batch: all of them
+    assert small.partial and sorted(small) == data
 
 
 def test_draw_groups_make_draws_independent_of_the_process_split():

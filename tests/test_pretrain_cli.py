@@ -51,6 +51,9 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6
+    # the first part's metrics survive the resume (Lightning's CSVLogger would delete them)
+    first = (part / "metrics.part1.csv").read_text()
+    assert "train_loss_epoch" in first and (part / "metrics.csv").is_file()
 
 
 def test_nonfinite_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -149,7 +149,7 @@ class ImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=train,
+            drop_last=train and not sampler.partial,
             collate_fn=collate_fn,
         )
 
