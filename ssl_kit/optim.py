@@ -81,7 +81,7 @@ def _fused_ok(groups: list[dict[str, Any]], trainer: pl.Trainer | None = None) -
     to float parameters on CPU or CUDA; same update rule. Not with mixed precision AND gradient clipping:
     the fused kernel unscales fp16 gradients itself, so Lightning's AMP plugin refuses to clip them."""
     params = [p for g in groups for p in g["params"]]
-    if trainer is not None and trainer.gradient_clip_val and str(trainer.precision).endswith("-mixed"):
+    if trainer is not None and getattr(trainer, "gradient_clip_val", None) and str(getattr(trainer, "precision", "")).endswith("-mixed"):
         return False
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 

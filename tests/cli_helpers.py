@@ -55,6 +55,8 @@ def run_cpu_ddp(args: list, devices: int = 2, strategy: str = "ddp", timeout: in
 
     here = os.path.dirname(__file__)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(name, None)  # left by an in-process Lightning run: the port may still be held by this process
     cmd = [sys.executable, "-m", "ssl_kit.cli", *map(str, args), "--trainer.accelerator", "cpu",
            "--trainer.devices", str(devices), "--trainer.strategy", strategy]
     for attempt in range(3):  # the free port Lightning picked can be taken by a concurrent run: try another

@@ -57,7 +57,7 @@ def write_coco(tmp_path, annotations, images=None, categories=None, make_files=T
     return path, folder
 
 
-def test_coco_reads_boxes_renumbers_categories_and_skips_degenerate_entries(tmp_path, caplog):
+def test_coco_reads_boxes_renumbers_categories_and_skips_degenerate_entries(tmp_path, ssl_caplog):
     path, folder = write_coco(tmp_path, [
         {"id": 10, "image_id": 1, "category_id": 3, "bbox": [2, 3, 10, 5]},
         {"id": 11, "image_id": 1, "category_id": 7, "bbox": [0, 0, 40.5, 20]},   # 0.5 px over the border: clipped
@@ -69,7 +69,7 @@ def test_coco_reads_boxes_renumbers_categories_and_skips_degenerate_entries(tmp_
     first, second = coco.images
     assert first.boxes.tolist() == [[2, 3, 12, 8], [0, 0, 40, 20]] and first.labels.tolist() == [2, 1]
     assert len(second.boxes) == 0  # kept as an all-background image
-    assert "skipped 1 zero-area" in caplog.text
+    assert "skipped 1 zero-area" in ssl_caplog.text
 
 
 @pytest.mark.parametrize("annotation, message", [

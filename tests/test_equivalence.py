@@ -71,10 +71,9 @@ def max_difference(one: dict, two: dict) -> tuple[str, float]:
 @pytest.mark.parametrize("method", list(CASES))
 def test_two_processes_train_like_one(method, tmp_path):
     args, b, strategy = CASES[method]
-    single_strategy = ["--trainer.strategy", strategy] if strategy != "ddp" else []
 
     def one_process(run_dir: Path, *extra: str) -> dict:
-        assert pretrain_main([*args, *COMMON, "--data.batch_size", str(2 * b), *single_strategy,
+        assert pretrain_main([*args, *COMMON, "--data.batch_size", str(2 * b),
                               "--run_dir", str(run_dir), *extra]) == 0
         return final_state(run_dir)
 
