@@ -160,26 +160,25 @@ class DrawPlan:
             if rows is None or rows % self.groups:
                 raise ValueError(f"{rows} rows cannot be cut into {self.groups} draw groups")
             pieces = [(rows // self.groups,)] * self.groups
+        return merge_rows(self._per_group(site, fn, pieces, inputs))
+
+    def _per_group(self, site: str, fn: Callable[..., Any], pieces: list[tuple], inputs: tuple) -> list[Any]:
+        """``fn(*pieces[g])`` for each group g with the global RNG (CPU and the inputs' GPUs) seeded for that
+        group and restored afterwards."""
         outputs = []
         cuda = [d for d in {x.device for x in inputs if isinstance(x, Tensor)} if d.type == "cuda"]
         for group, args in enumerate(pieces):
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(self.group_seed(group, site))
                 outputs.append(fn(*args))
-        return merge_rows(outputs)
+        return outputs
 
     def mean(self, site: str, fn: Callable[..., tuple[Tensor, dict[str, Any]]], *inputs: Any) -> tuple[Tensor, dict[str, Any]]:
         """A whole training step per draw group, as if each group were one device: ``fn(*group_inputs)``
         returns ``(loss, logs)``; the result is the mean over groups of both (what DDP's gradient averaging
         makes of the same groups on separate processes). Everything random inside ``fn`` that uses the global
         RNG (torchvision's proposal sampling, box jitter) is seeded per group."""
-        results = []
-        pieces = list(zip(*(split_rows(x, self.groups) for x in inputs)))
-        cuda = [d for d in {x.device for x in inputs if isinstance(x, Tensor)} if d.type == "cuda"]
-        for group, args in enumerate(pieces):
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(self.group_seed(group, site))
-                results.append(fn(*args))
+        results = self._per_group(site, fn, list(zip(*(split_rows(x, self.groups) for x in inputs))), inputs)
         if len(results) == 1:
             return results[0]
         loss = torch.stack([r[0] for r in results]).mean()
