@@ -1,6 +1,6 @@
 """MAE pretraining on this machine: 1 CPU process (2 threads) vs 2 CPU DDP processes (1 thread each).
 
-Run (from the repo root; ~7-8 minutes on 2 otherwise idle cores):
+Run (from the repo root; ~5 minutes on 2 otherwise idle cores, longer when they are shared):
     python benchmarks/ddp_scaling.py
     python benchmarks/ddp_scaling.py --quick          # smoke run: 2 configs, few steps, batch 32 (~1.5 min)
 Options: --steps 20 --warmup 5 --batch-size 128 --repeats 2 --configs 1p2t,2p_weak,2p_strong,1p1t,2p_weak_nohook
