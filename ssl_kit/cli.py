@@ -136,7 +136,8 @@ class PretrainCLI(LightningCLI):
         )
         callbacks: list[pl.Callback] = list(self.config_init["trainer"].get("callbacks") or [])
         callbacks += [self.checkpoint, self.last_checkpoint, LearningRateMonitor(logging_interval="step")]
-        callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
+        if self.config_init["trainer"].get("enable_progress_bar", True) is not False:
+            callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
         if has_labels and knn_every > 0:
             callbacks.append(KNNMonitor(every_n_epochs=knn_every))
         if hasattr(self.model, "reconstruction_panels"):

@@ -153,6 +153,8 @@ def test_bad_inputs_are_clear(tiny_run, tmp_path, capsys):
     assert "fewer than --data.labels_per_class 7000" in capsys.readouterr().err
     assert knn_main(["--data.labels_per_class", "5"]) == 2
     assert "exactly one of --ckpt" in capsys.readouterr().err
+    assert knn_main(["--random_init", "tiny", "--encoder_kwargs", "{depth: 1, in_chans: 3}", *FEW]) == 2
+    assert "encoder_kwargs sets in_chans but --data.in_chans gives 1" in capsys.readouterr().err
     assert linear_probe_main([*RANDOM_TINY, "--data.root", str(tmp_path / "nowhere"), "--data.dataset", "folder",
                               "--out", str(tmp_path / "never")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "never").exists()

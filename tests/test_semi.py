@@ -211,3 +211,20 @@ def test_classifier_starts_from_an_exported_pretrained_encoder(tmp_path):
     assert model.head.weight.abs().max() < 1e-3  # predictions start uniform
     with pytest.raises(UserError, match="does not exist"):
         build_classifier("tiny", 16, 4, 1, None, 10, str(tmp_path / "missing"), 0.0)
+
+
+def test_classifier_with_average_pooling_reads_the_normed_mean_patch_token(tmp_path):
+    from ssl_kit.encoders import build_encoder, resolve_encoder_spec
+    from ssl_kit.export import export_encoder
+    from ssl_kit.methods.classifier import pre_logits
+
+    spec = resolve_encoder_spec("tiny", img_size=16, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2)
+    export_encoder(build_encoder(spec), spec, tmp_path / "encoder")
+    model, built = build_classifier("tiny", 16, 4, 1, None, 10, str(tmp_path / "encoder"), 0.0, "avg")
+    assert built.kwargs["global_pool"] == "avg"
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # [3, 1 + 16, 32]; the final norm moves to fc_norm under avg pooling
+        assert torch.allclose(pre_logits(model.eval(), x), model.fc_norm(tokens[:, 1:].mean(dim=1)), atol=1e-6)
+    with pytest.raises(UserError, match="global_pool must be token or avg"):
+        build_classifier("tiny", 16, 4, 1, None, 10, None, 0.0, "max")

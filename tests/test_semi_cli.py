@@ -56,9 +56,12 @@ def test_uda_logs_tsa_and_mask_saves_subset_and_exports_a_timm_classifier(tmp_pa
 
 def test_supervised_recipe_uses_no_unlabeled_images(tmp_path):
     run = tmp_path / "sup"
-    assert run_cli("supervised", run, "--trainer.max_epochs", "1") == 0
+    # also: average pooling reaches the export, and a run without a progress bar works
+    assert run_cli("supervised", run, "--trainer.max_epochs", "1", "--model.global_pool", "avg",
+                   "--trainer.enable_progress_bar", "false") == 0
     rows = metrics(run)
     assert column(rows, "tsa_threshold") == [1.0, 1.0] and not column(rows, "unsup_mask_fraction")
+    assert load_exported_encoder(run / "encoder").global_pool == "avg"
 
 
 def test_mpl_with_student_lr_zero_logs_zero_feedback_and_uda_only_teacher_loss(tmp_path):

@@ -96,10 +96,13 @@ def load_encoder(
     if len(given) != 1:
         raise UserError("Give exactly one of --ckpt CHECKPOINT, --encoder EXPORT_DIR or --random_init NAME.")
     if source.random_init:
-        spec = resolve_encoder_spec(
-            source.random_init, img_size=img_size, patch_size=source.patch_size, in_chans=in_chans,
-            **(source.encoder_kwargs or {}), **overrides,
-        )
+        kwargs = {**(source.encoder_kwargs or {}), **overrides}
+        given_by_data = {"img_size": img_size, "in_chans": in_chans, "patch_size": source.patch_size}
+        for key, value in given_by_data.items():
+            if key in kwargs and kwargs.pop(key) != value:
+                flag = "--patch_size" if key == "patch_size" else f"--data.{key}"
+                raise UserError(f"encoder_kwargs sets {key} but {flag} gives {value}: set it with {flag} only.")
+        spec = resolve_encoder_spec(source.random_init, **given_by_data, **kwargs)
         model = build_encoder(spec, sincos_pos_embed=True)
         init_vit_mae_style(model)
         select_attention_kernel(model, 1 + model.patch_embed.num_patches)

@@ -33,9 +33,9 @@ def pretrained_or_random(
 
 def build_classifier(
     encoder: str, img_size: int, patch_size: int, in_chans: int, encoder_kwargs: dict[str, Any] | None,
-    num_classes: int, init_from: str | None, drop_path_rate: float,
+    num_classes: int, init_from: str | None, drop_path_rate: float, global_pool: str = "token",
 ) -> tuple[VisionTransformer, EncoderSpec]:
-    """A timm ViT with a ``num_classes`` linear head on the [CLS] token.
+    """A timm ViT with a ``num_classes`` linear head on the [CLS] token or the mean patch token.
 
     Args:
         encoder, img_size, patch_size, in_chans, encoder_kwargs: the architecture when starting from
@@ -44,12 +44,17 @@ def build_classifier(
         init_from: an ssl_kit checkpoint (``.ckpt``) or encoder export folder of any method (MAE, LoMaR,
             iBOT, UDA, MPL); its architecture is used and ``encoder`` / ``patch_size`` are ignored.
         drop_path_rate: stochastic depth.
+        global_pool: ``token`` (head on the [CLS] token) or ``avg`` (head on the LayerNorm-ed mean of the
+            patch tokens, as MAE fine-tunes: MAE never trains the [CLS] token).
 
     Returns:
         The model (head near zero: predictions start uniform) and the spec that rebuilds it with timm.
     """
+    if global_pool not in ("token", "avg"):
+        raise UserError(f"--model.global_pool must be token or avg, got {global_pool!r}.")
     source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
-    model, spec = load_encoder(source, img_size, in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    model, spec = load_encoder(source, img_size, in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                               global_pool=global_pool)
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
     return model, spec

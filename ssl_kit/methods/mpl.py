@@ -129,6 +129,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         encoder, encoder_kwargs, patch_size, img_size, in_chans, num_classes, init_from: both classifiers
             (``init_from``: a pretrained checkpoint / export used for teacher AND student).
         drop_path_rate: stochastic depth of both.
+        global_pool: classifier input of both, ``token`` ([CLS]) or ``avg`` (mean patch token, MAE's fine-tuning).
         temperature: UDA sharpening temperature of the teacher (0.7 in MPL).
         threshold: UDA confidence threshold (0.6 in MPL; on the unsharpened probability, as section 4).
         lambda_u: weight of the teacher's consistency term (8 in MPL), ramped over ``uda_ramp_epochs``.
@@ -156,6 +157,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         num_classes: int = 10,
         init_from: str | None = None,
         drop_path_rate: float = 0.0,
+        global_pool: Literal["token", "avg"] = "token",
         temperature: float = 0.7,
         threshold: float = 0.6,
         lambda_u: float = 8.0,
@@ -181,7 +183,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         self.automatic_optimization = False
         build = dict(encoder=encoder, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                      encoder_kwargs=encoder_kwargs, num_classes=num_classes, init_from=init_from,
-                     drop_path_rate=drop_path_rate)
+                     drop_path_rate=drop_path_rate, global_pool=global_pool)
         self.teacher, _ = build_classifier(**build)
         self.encoder, self.encoder_spec = build_classifier(**build)
         if init_from is None:

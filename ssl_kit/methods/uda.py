@@ -26,6 +26,7 @@ class UDA(SemiSupervisedClassifier):
         num_classes: K.
         init_from: start from a pretrained checkpoint / export (MAE, LoMaR, iBOT, ...).
         drop_path_rate: stochastic depth.
+        global_pool: classifier input, ``token`` ([CLS]) or ``avg`` (mean patch token, MAE's fine-tuning).
         unsup_weight: lambda (1.0).
         uda_temperature: sharpening temperature of the weak-view target (0.4).
         confidence_threshold: mask on the unsharpened max probability of the weak view (0.8).
@@ -46,6 +47,7 @@ class UDA(SemiSupervisedClassifier):
         num_classes: int = 10,
         init_from: str | None = None,
         drop_path_rate: float = 0.1,
+        global_pool: Literal["token", "avg"] = "token",
         unsup_weight: float = 1.0,
         uda_temperature: float = 0.4,
         confidence_threshold: float = 0.8,
@@ -63,7 +65,7 @@ class UDA(SemiSupervisedClassifier):
         tsa_threshold(tsa, 0.0, num_classes)  # validates the schedule name
         self.save_hyperparameters()
         self.encoder, self.encoder_spec = build_classifier(
-            encoder, img_size, patch_size, in_chans, encoder_kwargs, num_classes, init_from, drop_path_rate)
+            encoder, img_size, patch_size, in_chans, encoder_kwargs, num_classes, init_from, drop_path_rate, global_pool)
         self.ema_encoder = make_teacher(self.encoder)
         self.init_metrics(num_classes)
 
