@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
 
     psi_before = cpu_pressure()
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops()[0]
     rows = []
     for family in args.families.split(","):
         for size in ENCODERS[family]["sizes"]:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows.append(row)
                 print(f"  {method:>5} ({family}) {size:>4}px: {row['img_per_s']:.2f} img/s, "
                       f"{row['gflop_per_img']:.1f} GFLOP/img, RSS {row['max_rss_mib']:.0f} MiB", flush=True)
-    peak = max(peak, matmul_peak_gflops())
+    peak = max(peak, matmul_peak_gflops()[0])
     table = []
     print(f"\nLoMaR vs MAE, fp32, {args.threads} threads, matmul peak {peak:.1f} GFLOP/s")
     hdr = (f"{'cfg':>3} {'px':>4} {'MAE img/s':>9} {'LoMaR img/s':>11} {'speed x':>7} {'FLOP x':>6} "

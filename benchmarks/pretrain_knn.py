@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from eval_fmnist import cached_probe  # same folder
 from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
-from ssl_kit.eval.knn import extract_features, weighted_knn
+from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_features, weighted_knn
 from ssl_kit.export import load_exported_encoder
 from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style
 
@@ -40,7 +40,7 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
 
 def features(model: torch.nn.Module, images: torch.Tensor, transform: EvalTransform) -> torch.Tensor:
     model.eval()
-    loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=1000)
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=FEATURE_BATCH_CPU)
     return extract_features(model, loader, transform, torch.device("cpu"))[0]
 
 

@@ -29,7 +29,7 @@ from ssl_kit.errors import UserError
 from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, read_checkpoint
 from ssl_kit.eval.features import encoder_features, feature_dim
 from ssl_kit.eval.finetune import FineTune
-from ssl_kit.eval.knn import extract_features, weighted_knn
+from ssl_kit.eval.knn import extract_features, feature_batch_size, weighted_knn
 from ssl_kit.eval.linear_probe import LinearProbe
 from ssl_kit.encoders import select_attention_kernel
 from ssl_kit.export import export_encoder
@@ -115,7 +115,7 @@ def extract_split_features(model: torch.nn.Module, data: ClassificationDataModul
     if device.type != "cpu":
         select_attention_kernel(model, 1, device)  # fused kernels on GPUs
     embed = lambda x: encoder_features(model, x, kind, last_n)  # noqa: E731
-    train_loader, val_loader = data.feature_loaders()
+    train_loader, val_loader = data.feature_loaders(feature_batch_size(device))
     with torch.inference_mode():
         train_f, train_y = extract_features(embed, train_loader, data.eval_transform.to(device), device)
         val_f, val_y = extract_features(embed, val_loader, data.eval_transform.to(device), device)

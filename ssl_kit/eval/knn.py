@@ -72,6 +72,17 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+# Feature extraction batch: on 2 CPU cores a ViT forward runs ~20-40 % faster per image at batch 64
+# than at 512 (activations closer to cache size); accelerators want large batches.
+FEATURE_BATCH_CPU = 64
+FEATURE_BATCH_ACCELERATOR = 512
+
+
+def feature_batch_size(device: torch.device) -> int:
+    """Loader batch size for feature extraction on ``device``."""
+    return FEATURE_BATCH_CPU if device.type == "cpu" else FEATURE_BATCH_ACCELERATOR
+
+
 class KNNMonitor(pl.Callback):
     """Log weighted k-NN top-1 of the method's exported encoder at the end of training epochs.
 
@@ -100,7 +111,7 @@ class KNNMonitor(pl.Callback):
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         dm = trainer.datamodule
-        loaders = dm.knn_dataloaders() if dm is not None and hasattr(dm, "knn_dataloaders") else None
+        loaders = dm.knn_dataloaders(feature_batch_size(pl_module.device)) if dm is not None and hasattr(dm, "knn_dataloaders") else None
         if loaders is None:
             return None
         was_training = pl_module.training
