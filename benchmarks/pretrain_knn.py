@@ -28,7 +28,8 @@ from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_features, weighted_knn
 from ssl_kit.export import load_exported_encoder
-from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style
+from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style, select_attention_kernel
+from ssl_kit.precision import auto_precision, autocast_dtype
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,10 +39,20 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
     return float((pred == test_y).float().mean())
 
 
-def features(model: torch.nn.Module, images: torch.Tensor, transform: EvalTransform) -> torch.Tensor:
+def features(model: torch.nn.Module, images: torch.Tensor, transform: EvalTransform,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[N, D]`` features of uint8 ``images``, forward passes autocast to ``dtype`` (None: fp32), with the
+    attention kernel ssl_kit picks for this sequence length on the CPU (as ssl-knn does)."""
     model.eval()
+    select_attention_kernel(model, model.patch_embed.num_patches + model.num_prefix_tokens, "cpu")
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=FEATURE_BATCH_CPU)
-    return extract_features(model, loader, transform, torch.device("cpu"))[0]
+    with torch.inference_mode():
+        return extract_features(model, loader, transform, torch.device("cpu"), dtype)[0]
+
+
+def feature_dtype(precision: str) -> torch.dtype | None:
+    """Autocast dtype for feature extraction: ``auto`` as ssl-pretrain resolves it here, else the named precision."""
+    return autocast_dtype(auto_precision("cpu")[0] if precision == "auto" else precision)
 
 
 def random_init_encoder(config: dict) -> torch.nn.Module:
@@ -65,12 +76,16 @@ def main() -> None:
                         help="also a linear probe on the same cached features (LARS, 90 epochs, as eval_fmnist.py; "
                              "raw pixels' probe is in eval_fmnist.json)")
     parser.add_argument("--skip_random_init", action="store_true", help="only the pretrained encoder and raw pixels")
+    parser.add_argument("--feature_precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                        help="precision of feature extraction (auto: bf16 where the CPU has it natively, as ssl-knn)")
     parser.add_argument("overrides", nargs="*", help="extra ssl-pretrain overrides (after --)")
     args = parser.parse_args()
     args.run_dir = args.run_dir or f"runs/bench_{args.recipe}_knn"
     args.result = args.result or f"{args.recipe}_knn.json"
     torch.set_num_threads(2)
-    result: dict[str, object] = {"protocol": "weighted k-NN k=20 T=0.07, 60k train memory, 10k test, 32 px"}
+    dtype = feature_dtype(args.feature_precision)
+    result: dict[str, object] = {"protocol": "weighted k-NN k=20 T=0.07, 60k train memory, 10k test, 32 px",
+                                 "feature_dtype": str(dtype or torch.float32)}
     encoder_dir = Path(args.encoder) if args.encoder else Path(args.run_dir) / "encoder"
     if not args.encoder:
         cmd = ["ssl-pretrain", "--recipe", args.recipe, "--run_dir", args.run_dir, *args.overrides]
@@ -98,7 +113,7 @@ def main() -> None:
     models = [("pretrained", pretrained)] + ([] if args.skip_random_init else [("random_init", random_init)])
     for name, model in models:
         start = time.perf_counter()
-        tr, te = features(model, train_x, transform), features(model, test_x, transform)
+        tr, te = features(model, train_x, transform, dtype), features(model, test_x, transform, dtype)
         result[f"{name}_knn_top1"] = knn_top1(tr, train_y, te, test_y)
         result[f"{name}_extract_s"] = round(time.perf_counter() - start, 1)
         if args.linear:

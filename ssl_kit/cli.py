@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ from ssl_kit.errors import UserError
 from ssl_kit.eval.knn import KNNMonitor
 from ssl_kit.qscore import QScoreMonitor, QScoreRegularizer
 from ssl_kit.methods.base import SSLMethod
+from ssl_kit.precision import Trainer
 from ssl_kit.runtime import tune_cpu_allocator
 
 log = logging.getLogger("ssl_kit")
@@ -236,9 +238,13 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
             argv = ["--config", str(resolve_recipe(recipe))] + argv
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
+        # LightningCLI warns whenever args= is given while sys.argv has arguments; ours are sys.argv's own,
+        # rewritten (--recipe -> --config), so the warning is noise before every run
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = PretrainCLI(
             SSLMethod,
             pl.LightningDataModule,
+            trainer_class=Trainer,  # --trainer.precision auto (the recipes' default) picks bf16 where it is native
             subclass_mode_model=True,
             subclass_mode_data=True,
             args=argv,

@@ -12,6 +12,7 @@ from ssl_kit.eval.cli import export_main, finetune_main, knn_main, linear_probe_
 from ssl_kit.eval.finetune import FineTune, layer_decay_param_groups
 from ssl_kit.eval.lars import LARS
 from ssl_kit.eval.linear_probe import LinearProbe, linear_head
+from ssl_kit.precision import auto_precision
 
 RANDOM_TINY = ["--random_init", "tiny", "--patch_size", "4", "--encoder_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"]
 FEW = ["--data.labels_per_class", "10"]
@@ -96,6 +97,7 @@ def test_knn_command_on_checkpoint_several_k(tiny_run, tmp_path, capsys):
     metrics = read(out)
     assert set(metrics["knn_top1"]) == {"1", "20"} and metrics["num_train"] == 100 and metrics["num_val"] == 10000
     assert all(0.2 < v <= 1.0 for v in metrics["knn_top1"].values())  # far above chance (0.1)
+    assert metrics["precision"] == auto_precision("cpu")[0]  # --precision auto: the forward passes follow the CPU
     assert "k-NN top-1 (k=20" in capsys.readouterr().out
     assert json.loads((out / "labeled_subset.json").read_text())["labels_per_class"] == 10
     assert (out / "knn.csv").read_text().startswith("k,top1")

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ssl_kit.precision import autocast_dtype, inference_autocast
+
 log = logging.getLogger("ssl_kit")
 
 
@@ -58,16 +60,23 @@ def weighted_knn(
 
 @torch.no_grad()
 def extract_features(
-    embed: Callable[[Tensor], Tensor], loader: DataLoader, transform: Callable[[Tensor], Tensor], device: torch.device
+    embed: Callable[[Tensor], Tensor], loader: DataLoader, transform: Callable[[Tensor], Tensor], device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``embed(transform(images))`` over a loader of (uint8 images, labels).
+
+    Args:
+        dtype: autocast dtype of the forward passes (the training's precision: ``torch.bfloat16`` under
+            bf16-mixed); None runs in full precision.
 
     Returns:
         features ``[N, D]`` (float32, on CPU) and labels ``[N]``.
     """
     feats, labels = [], []
     for images, y in loader:
-        feats.append(embed(transform(images.to(device))).float().cpu())
+        images = transform(images.to(device))
+        with inference_autocast(device, dtype):
+            feats.append(embed(images).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
 
@@ -116,9 +125,10 @@ class KNNMonitor(pl.Callback):
             return None
         was_training = pl_module.training
         pl_module.eval()
+        dtype = autocast_dtype(trainer.precision)  # the training's precision
         try:
-            train_f, train_y = extract_features(pl_module.embed, loaders[0], dm.eval_images, pl_module.device)
-            test_f, test_y = extract_features(pl_module.embed, loaders[1], dm.eval_images, pl_module.device)
+            train_f, train_y = extract_features(pl_module.embed, loaders[0], dm.eval_images, pl_module.device, dtype)
+            test_f, test_y = extract_features(pl_module.embed, loaders[1], dm.eval_images, pl_module.device, dtype)
         finally:
             pl_module.train(was_training)
         num_classes = int(max(train_y.max(), test_y.max())) + 1
