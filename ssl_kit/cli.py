@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -210,15 +211,51 @@ def find_user_error(err: BaseException) -> UserError | None:
     return None
 
 
+def option_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` / ``--name=VALUE`` in argv (the last one wins, as in the parser), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def checkpoint_readable(path: Path) -> bool:
+    """Whether ``path`` is a complete PyTorch checkpoint file: torch.save writes a zip archive whose directory
+    comes last, so a file cut short by a crash or a full disk has none."""
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def require_readable_checkpoint(path: Path) -> None:
+    """One clear error, before anything is built or written, for a --ckpt_path that cannot be resumed."""
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {path}: no such file. Pass a checkpoint of this run (RUN/checkpoints/last.ckpt), "
+                        "or --ckpt_path last --run_dir RUN for the newest one.")
+    if not checkpoint_readable(path):
+        raise UserError(f"--ckpt_path {path} is not a readable checkpoint (cut short while it was written, or not a "
+                        "PyTorch file). --ckpt_path last --run_dir RUN resumes the newest readable checkpoint of a run.")
+
+
 def newest_checkpoint(run_dir: Path) -> str | None:
-    """``--ckpt_path last``: the newest of ``RUN/checkpoints/last*.ckpt`` and the checkpoints Lightning writes on
-    SLURM's requeue signal (``RUN/hpc_ckpt_N.ckpt``); None when the run folder has neither (first start).
+    """``--ckpt_path last``: the newest readable one of ``RUN/checkpoints/last*.ckpt`` and the checkpoints Lightning
+    writes on SLURM's requeue signal (``RUN/hpc_ckpt_N.ckpt``), saying which unreadable ones it passed over; None when
+    the run folder has neither (first start); a UserError when it has only unreadable ones.
 
     Lightning's own ``ckpt_path="last"`` ignores hpc_ckpt files, and its SLURM auto-resume (``ckpt_path=None``)
     takes the highest hpc_ckpt even when last.ckpt is newer, hence the modification-time choice here.
     """
-    found = [*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    found = sorted([*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")],
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in found:
+        if checkpoint_readable(path):
+            return str(path)
+        log.warning("--ckpt_path last: %s is not a readable checkpoint (cut short?); trying an older one", path)
+    if found:
+        raise UserError(f"--ckpt_path last: none of the checkpoints of {run_dir} is readable "
+                        f"({', '.join(p.name for p in found)}); move them away to start this run afresh.")
+    return None
 
 
 def pretrain_main(args: Sequence[str] | None = None) -> int:
@@ -233,6 +270,9 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
                 print(f"ssl-pretrain --recipe NAME [overrides]; recipes: {', '.join(available_recipes())}")
             else:
                 raise UserError(f"Choose a recipe: ssl-pretrain --recipe NAME, with NAME one of {', '.join(available_recipes())}.")
+        ckpt_arg = option_value(argv, "--ckpt_path")
+        if ckpt_arg and ckpt_arg != "last":
+            require_readable_checkpoint(Path(ckpt_arg))
         PretrainCLI.recipe_name = Path(recipe).stem if recipe else "custom"
         if recipe is not None:
             argv = ["--config", str(resolve_recipe(recipe))] + argv

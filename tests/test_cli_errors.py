@@ -103,3 +103,41 @@ def test_print_config_shows_resolved_recipe(capsys):
     assert info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "mask_ratio: 0.6" in out and "ssl_kit.methods.MAE" in out and "PretrainDataModule" in out
+
+
+def test_mask_ratio_out_of_range_is_one_line_before_training(capsys, tmp_path):
+    """Issue #26: a bad --model.mask_ratio used to start training and fail inside random_masking at step 0."""
+    code, err = run_cli(capsys, "--recipe", "mae", "--model.mask_ratio", "1.5", "--run_dir", str(tmp_path / "run"))
+    assert code == 2
+    assert "--model.mask_ratio must be in [0, 1)" in error_line(err) and "got 1.5" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_truncated_checkpoint_is_one_line_and_last_falls_back(capsys, tmp_path, ssl_caplog):
+    """Issue #26: --ckpt_path on a file cut short is one clear line (it was a 20-line zip traceback); --ckpt_path last
+    passes over an unreadable newest checkpoint to the newest readable one and says so."""
+    import os
+    import shutil
+
+    from cli_helpers import TINY_ARGS
+
+    run = tmp_path / "run"
+    args = [*TINY_ARGS, "--knn_every_n_epochs", "0", "--trainer.max_epochs", "1", "--run_dir", str(run)]
+    assert pretrain_main(args) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    older = run / "hpc_ckpt_1.ckpt"
+    shutil.copy(last, older)
+    os.utime(older, (last.stat().st_mtime - 60, last.stat().st_mtime - 60))
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed while writing
+    capsys.readouterr()
+    code, err = run_cli(capsys, *args, "--ckpt_path", str(last))
+    assert code == 2 and "is not a readable checkpoint (cut short" in error_line(err)
+    resume = [*args[:-2], "--trainer.max_epochs", "2", "--run_dir", str(run), "--ckpt_path", "last"]
+    assert pretrain_main(resume) == 0
+    assert f"{last} is not a readable checkpoint (cut short?); trying an older one" in ssl_caplog.text
+    assert f"resuming from {older}" in ssl_caplog.text
+    older.write_bytes(b"not a checkpoint")
+    os.utime(older, (0, 0))
+    last.write_bytes(b"")
+    code, err = run_cli(capsys, *resume)
+    assert code == 2 and "none of the checkpoints of" in error_line(err)

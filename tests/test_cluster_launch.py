@@ -167,7 +167,7 @@ def test_ckpt_path_last_picks_the_newest_of_last_and_hpc_checkpoints(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     last, hpc1, hpc2 = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
     for i, path in enumerate([hpc2, last, hpc1]):
-        path.write_bytes(b"")
+        torch.save({"global_step": i}, path)  # a readable (zip) checkpoint file
         os.utime(path, (1000 + i, 1000 + i))
     assert newest_checkpoint(tmp_path) == str(hpc1)  # newest by time, not the highest hpc number
     os.utime(last, (2000, 2000))

@@ -16,6 +16,7 @@ from ssl_kit.encoders import (
     select_attention_kernel,
     unpatchify,
 )
+from ssl_kit.errors import UserError
 from ssl_kit.heads.mae_decoder import MAEDecoder
 from ssl_kit.losses.reconstruction import masked_mse_loss
 from ssl_kit.methods.base import SSLMethod
@@ -61,6 +62,9 @@ class MAE(SSLMethod):
         min_lr: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise UserError(f"--model.mask_ratio must be in [0, 1) (the fraction of patches dropped; the paper uses 0.75), "
+                            f"got {mask_ratio}.")
         self.save_hyperparameters()
         spec = self.make_encoder_spec(encoder, img_size, patch_size, in_chans, encoder_kwargs)
         self.encoder = build_encoder(spec, sincos_pos_embed=True)
