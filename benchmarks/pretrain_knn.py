@@ -29,7 +29,7 @@ from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_features, weighted_knn
 from ssl_kit.export import load_exported_encoder
 from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style, select_attention_kernel
-from ssl_kit.precision import auto_precision, autocast_dtype
+from ssl_kit.precision import autocast_dtype, resolve_precision
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,7 +52,7 @@ def features(model: torch.nn.Module, images: torch.Tensor, transform: EvalTransf
 
 def feature_dtype(precision: str) -> torch.dtype | None:
     """Autocast dtype for feature extraction: ``auto`` as ssl-pretrain resolves it here, else the named precision."""
-    return autocast_dtype(auto_precision("cpu")[0] if precision == "auto" else precision)
+    return autocast_dtype(resolve_precision(precision, "cpu"))
 
 
 def random_init_encoder(config: dict) -> torch.nn.Module:

@@ -75,8 +75,9 @@ def step_ratio(precision: str, steps: int = 8) -> dict[str, Any]:
     from timm.layers import use_fused_attn
     from timm.models.vision_transformer import Attention
 
+    from mae_throughput import make_optimizer  # same folder: the training's optimizer and a plain one
+
     from ssl_kit.methods import MAE
-    from ssl_kit.optim import adamw_param_groups
     from ssl_kit.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -91,10 +92,9 @@ def step_ratio(precision: str, steps: int = 8) -> dict[str, Any]:
             for m in model.modules():
                 if isinstance(m, Attention):
                     m.fused_attn = use_fused_attn()
-            return model, torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+            return model, make_optimizer(model, "default")
         model.select_attention_kernels("cpu")
-        groups = adamw_param_groups({"encoder": model.encoder, "decoder": model.decoder}, 0.05)
-        return model, torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), fused=True)
+        return model, make_optimizer(model, "ssl_kit")
 
     def time_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, autocast: torch.dtype | None) -> list[float]:
         times = []

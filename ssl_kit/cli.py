@@ -211,17 +211,6 @@ def find_user_error(err: BaseException) -> UserError | None:
     return None
 
 
-def option_value(argv: Sequence[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` / ``--name=VALUE`` in argv (the last one wins, as in the parser), else None."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def checkpoint_readable(path: Path) -> bool:
     """Whether ``path`` is a complete PyTorch checkpoint file: torch.save writes a zip archive whose directory
     comes last, so a file cut short by a crash or a full disk has none."""
@@ -270,7 +259,7 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
                 print(f"ssl-pretrain --recipe NAME [overrides]; recipes: {', '.join(available_recipes())}")
             else:
                 raise UserError(f"Choose a recipe: ssl-pretrain --recipe NAME, with NAME one of {', '.join(available_recipes())}.")
-        ckpt_arg = option_value(argv, "--ckpt_path")
+        ckpt_arg, _ = pop_option(list(argv), "--ckpt_path")  # read only: the parser takes it from argv
         if ckpt_arg and ckpt_arg != "last":
             require_readable_checkpoint(Path(ckpt_arg))
         PretrainCLI.recipe_name = Path(recipe).stem if recipe else "custom"
