@@ -22,6 +22,8 @@ from ssl_kit.encoders import EncoderSpec
 from ssl_kit.errors import UserError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# the key under which a method checkpoint records its encoder spec (read by evaluation and export)
+CHECKPOINT_KEY = "ssl_kit"
 
 
 def export_encoder(encoder: nn.Module, spec: EncoderSpec, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -21,3 +21,12 @@ def ssl_caplog(caplog):
 
 
 TINY_ENCODER = dict(depth=2, embed_dim=64, num_heads=2)
+
+
+@pytest.fixture(scope="session")
+def fmnist_images():
+    """The first 500 Fashion-MNIST test images, ``[500, 1, 28, 28]`` uint8 (the Debian dataset package)."""
+    from ssl_kit.data.fashion_mnist import load_fashion_mnist
+
+    images, _ = load_fashion_mnist("test")
+    return images[:500]

@@ -1,4 +1,5 @@
 """Evaluation suite: layer-wise lr decay, LARS, linear head, and each command end to end (tiny)."""
+import csv
 import json
 from types import SimpleNamespace
 
@@ -114,25 +115,41 @@ def test_export_command_and_encoder_option_agree(tiny_run, tmp_path):
 
 def test_linear_probe_cached_and_full(tmp_path, capsys):
     cached, full = tmp_path / "cached", tmp_path / "full"
-    # MAE's lr (0.1 x batch / 256, LARS trust 0.001) is calibrated for batch 16384 x 90 ImageNet epochs;
-    # 100 labels need a larger base_lr to move the head in a few hundred steps
-    assert linear_probe_main([*RANDOM_TINY, *FEW, "--cached-features", "true", "--trainer.max_epochs", "40",
-                              "--warmup_epochs", "4", "--base_lr", "30", "--data.batch_size", "10", "--out", str(cached)]) == 0
+    # 32-wide features of a random one-block ViT: a larger base_lr than the default (1.0) moves the head in 400 steps
+    assert linear_probe_main([*RANDOM_TINY, *FEW, "--cached-features", "true", "--steps", "400", "--val_every", "10",
+                              "--warmup_steps", "40", "--base_lr", "30", "--data.batch_size", "10", "--feature", "cls",
+                              "--out", str(cached)]) == 0
     m = read(cached)
     assert m["cached_features"] is True and m["protocol"].startswith("cached features")
     assert len(m["val_top1_per_epoch"]) == 40 and m["val_top1_final"] > 0.25
-    assert linear_probe_main([*RANDOM_TINY, *FEW, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2",
+    assert m["feature"] == "cls" and m["steps"] == 400
+    assert linear_probe_main([*RANDOM_TINY, *FEW, "--cached_features", "false", "--steps", "1", "--trainer.limit_val_batches", "2",
                               "--data.batch_size", "32", "--out", str(full)]) == 0
     assert read(full)["cached_features"] is False and "linear probe top-1" in capsys.readouterr().out
 
 
-def test_finetune_command_few_labels(tiny_run, tmp_path):
+def test_finetune_command_few_labels_schedule_in_steps(tiny_run, tmp_path):
     out = tmp_path / "ft"
-    assert finetune_main(["--ckpt", str(tiny_run / "checkpoints" / "last.ckpt"), *FEW, "--trainer.max_epochs", "1",
-                          "--trainer.limit_val_batches", "2", "--data.batch_size", "20", "--out", str(out)]) == 0
+    assert finetune_main(["--ckpt", str(tiny_run / "checkpoints" / "last.ckpt"), *FEW, "--steps", "6", "--val_every", "3",
+                          "--warmup_steps", "2", "--trainer.limit_val_batches", "2", "--data.batch_size", "32",
+                          "--out", str(out)]) == 0
     m = read(out)
     assert m["labels_per_class"] == 10 and m["layer_decay"] == 0.75 and 0 <= m["val_top1_final"] <= 1
-    assert (out / "metrics.csv").is_file()
+    # 100 labeled images, batch 32: 6 optimizer steps in 2 validated "epochs" of 3 steps, whatever the label count
+    assert m["epochs"] == 2 and len(m["val_top1_per_epoch"]) == 2 and m["steps"] == 6
+    assert m["global_pool"] == "avg" and m["train_augment"] == "pad_crop"  # MAE checkpoint: mean patch token
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert max(int(r["step"]) for r in rows) == 5  # the last validation at optimizer step 6 (0-based 5)
+
+
+def test_feature_auto_follows_what_the_encoder_was_trained_for(tiny_run):
+    from ssl_kit.eval.cli import default_feature
+    from ssl_kit.eval.encoder_source import EncoderSource
+
+    assert default_feature(EncoderSource(ckpt=str(tiny_run / "checkpoints" / "last.ckpt")), "auto") == "avgpool"  # MAE
+    assert default_feature(EncoderSource(encoder=str(tiny_run / "encoder")), "auto") == "avgpool"
+    assert default_feature(EncoderSource(random_init="tiny"), "auto") == "avgpool"
+    assert default_feature(EncoderSource(random_init="tiny"), "cls") == "cls"  # an explicit choice is kept
 
 
 def test_eval_resolution_change_resamples_position_embedding(tiny_run, tmp_path, ssl_caplog):

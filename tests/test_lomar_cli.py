@@ -43,7 +43,7 @@ def test_lomar_recipe_runs_and_its_checkpoint_evaluates(tmp_path, capsys):
     assert 0.2 < json.loads((knn_out / "metrics.json").read_text())["knn_top1"]["20"] <= 1.0
     ft_out = tmp_path / "ft"
     assert finetune_main(["--ckpt", ckpt, "--data.labels_per_class", "10", "--data.img_size", "40",
-                          "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2", "--out", str(ft_out)]) == 0
+                          "--steps", "2", "--trainer.limit_val_batches", "2", "--out", str(ft_out)]) == 0
     assert (ft_out / "metrics.json").is_file()
 
 

@@ -228,3 +228,49 @@ def test_classifier_with_average_pooling_reads_the_normed_mean_patch_token(tmp_p
         assert torch.allclose(pre_logits(model.eval(), x), model.fc_norm(tokens[:, 1:].mean(dim=1)), atol=1e-6)
     with pytest.raises(UserError, match="global_pool must be token or avg"):
         build_classifier("tiny", 16, 4, 1, None, 10, None, 0.0, "max")
+
+
+def tiny_uda(**kwargs):
+    from types import SimpleNamespace
+
+    from ssl_kit.methods import UDA
+
+    module = UDA(encoder_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, img_size=16, **kwargs)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=0, world_size=1)
+    module.log = module.log_dict = lambda *args, **kw: None
+    return module
+
+
+def test_uda_weak_view_target_carries_no_gradient_and_the_strong_view_does():
+    module = tiny_uda(confidence_threshold=0.0)
+    calls = []
+    forward = module.encoder.forward
+    module.encoder.forward = lambda x: calls.append((len(x), torch.is_grad_enabled())) or forward(x)
+    labeled = (torch.randn(2, 1, 16, 16), torch.tensor([0, 1]))
+    weak, strong = torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)
+    loss = module.training_step({"labeled": labeled, "unlabeled": (weak, strong)}, 0)
+    assert calls == [(6, False), (2 + 6, True)]  # weak views without a graph; [labeled, strong] with one
+    loss.backward()
+    with_entropy = tiny_uda(confidence_threshold=0.0, entropy_weight=0.1)
+    calls.clear()
+    forward = with_entropy.encoder.forward
+    with_entropy.encoder.forward = lambda x: calls.append((len(x), torch.is_grad_enabled())) or forward(x)
+    with_entropy.training_step({"labeled": labeled, "unlabeled": (weak, strong)}, 0)
+    assert calls[0] == (6, True)  # entropy minimisation on the weak predictions needs their gradient
+
+
+def test_uda_layer_decay_gives_each_block_its_own_lr_and_tsa_is_off_by_default():
+    from ssl_kit.methods.classifier import classifier_param_groups
+
+    module = tiny_uda(layer_decay=0.5)
+    assert module.hparams.tsa == "none"
+    groups = classifier_param_groups(module.encoder, 0.05, 0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    enc = module.encoder  # depth 2: head 1, blocks.1 0.5, blocks.0 0.25, embeddings 0.125
+    assert scale[id(enc.head.weight)] == 1.0 and scale[id(enc.blocks[1].attn.qkv.weight)] == 0.5
+    assert scale[id(enc.blocks[0].attn.qkv.weight)] == 0.25 and scale[id(enc.patch_embed.proj.weight)] == 0.125
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd[id(enc.blocks[0].attn.qkv.bias)] == 0 and wd[id(enc.blocks[0].attn.qkv.weight)] == 0.05
+    assert all(g["lr_scale"] == 1.0 for g in classifier_param_groups(enc, 0.05, 1.0) if "lr_scale" in g)
+    with pytest.raises(UserError, match="layer_decay must lie in"):
+        tiny_uda(layer_decay=0.0)

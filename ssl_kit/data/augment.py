@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_kit.data.rand_augment import RandAugment
 from ssl_kit.errors import UserError
 
 
@@ -76,55 +77,42 @@ def fit_to_size(x: Tensor, img_size: int) -> Tensor:
     return x
 
 
-def apply_colour_safe(op: nn.Module, x: Tensor) -> Tensor:
-    """Run a kornia op that needs RGB (RandAugment's colour ops) on grayscale too: the grey channel is
-    replicated to 3 and averaged back. ``x``: ``[B, C, H, W]`` in [0, 1], C = 1 or 3."""
-    if x.shape[1] == 1:
-        return op(x.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True).clamp_(0, 1)
-    return op(x).clamp_(0, 1)
-
-
 class WeakStrongAugment(nn.Module):
     """Weak and strong views for consistency training (UDA, FixMatch, Meta Pseudo Labels).
 
     * weak: horizontal flip + translation by reflect-padding ``img_size / 8`` and cropping back
       (``pad_crop``), or a mild random resized crop (``resized_crop``, area 0.5-1) + flip;
-    * strong: an independent weak draw, then RandAugment with ``num_ops`` random operations at a
-      RANDOM magnitude (uniform in ``magnitude_range`` of kornia's 0-30 scale), then Cutout (a grey
-      square with side up to half the image).
-
-    kornia's RandAugment draws one set of operations and one magnitude per call, so the batch is
-    split into groups of ``group_size`` images, each with its own operations and magnitude.
+    * strong: an independent weak draw, then UDA's per-image RandAugment
+      (:class:`ssl_kit.data.rand_augment.RandAugment`: ``num_ops`` ops drawn per image, each applied with
+      probability ``op_prob`` at a magnitude uniform in ``magnitude_range`` of 10) and Cutout (a square
+      of side up to half the image, filled with the image's mean level).
 
     Args:
         img_size: output side.
         mean, std: normalisation.
         weak: ``pad_crop`` or ``resized_crop``.
-        num_ops: RandAugment operations per image (2).
-        magnitude_range: inclusive range of the random magnitude (kornia's m, 1..29).
+        num_ops: RandAugment operations per image (2; 0 = the strong view is a second weak view + Cutout).
+        magnitude_range: inclusive range of the random magnitude on UDA's 0-10 scale (1-9).
         cutout: apply Cutout to the strong view.
-        group_size: images sharing one RandAugment draw.
+        op_prob: probability that each drawn operation is applied (UDA: 0.5).
     """
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], weak: str = "pad_crop",
-                 num_ops: int = 2, magnitude_range: tuple[int, int] = (1, 29), cutout: bool = True,
-                 group_size: int = 8) -> None:
+                 num_ops: int = 2, magnitude_range: tuple[int, int] = (1, 9), cutout: bool = True,
+                 op_prob: float = 0.5) -> None:
         super().__init__()
         if weak not in ("pad_crop", "resized_crop"):
             raise UserError(f"--data.weak must be pad_crop or resized_crop, got {weak!r}.")
-        lo, hi = magnitude_range
-        if not 1 <= lo <= hi <= 29:
-            raise UserError(f"--data.magnitude_range must lie in [1, 29] (kornia's RandAugment scale), got {magnitude_range}.")
-        self.img_size, self.magnitude_range, self.group_size = img_size, (lo, hi), group_size
+        if num_ops < 0:
+            raise UserError(f"--data.strong_ops must be >= 0, got {num_ops}.")
+        self.img_size = img_size
         pad = max(1, img_size // 8)
         if weak == "pad_crop":
             geometric = [K.RandomHorizontalFlip(), K.RandomCrop((img_size, img_size), padding=pad, padding_mode="reflect")]
         else:
             geometric = [K.RandomResizedCrop((img_size, img_size), scale=(0.5, 1.0), resample="BICUBIC"), K.RandomHorizontalFlip()]
         self.weak_ops = K.AugmentationSequential(*geometric)
-        self.rand_augment = K.auto.RandAugment(n=num_ops, m=lo) if num_ops > 0 else None
-        # Cutout: a square (aspect 1) of area 0.25 % - 25 % (side 5 % - 50 %), filled with mid grey
-        self.cutout = K.RandomErasing(scale=(0.0025, 0.25), ratio=(1.0, 1.0), value=0.5, p=1.0) if cutout else None
+        self.rand_augment = RandAugment(num_ops, tuple(magnitude_range), op_prob, cutout_prob=1.0 if cutout else 0.0)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -146,16 +134,7 @@ class WeakStrongAugment(nn.Module):
     def strong(self, images: Tensor) -> Tensor:
         """``[B, C, h, w]`` uint8 (or [0, 1] float at size S) -> ``[B, C, S, S]`` normalised strong view."""
         x = self.weak_ops(self._unit(images)).clamp_(0, 1)
-        if self.rand_augment is not None:
-            lo, hi = self.magnitude_range
-            groups = []
-            for chunk in x.split(self.group_size):
-                self.rand_augment.m = int(torch.randint(lo, hi + 1, ()))
-                groups.append(apply_colour_safe(self.rand_augment, chunk))
-            x = torch.cat(groups)
-        if self.cutout is not None:
-            x = self.cutout(x)
-        return self._normalise(x)
+        return self._normalise(self.rand_augment(x))
 
 
 class MultiCropAugment(nn.Module):

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from ssl_kit.data.augment import TrainAugment, apply_colour_safe
+from ssl_kit.data.augment import TrainAugment, WeakStrongAugment
+from ssl_kit.data.rand_augment import RandAugment
 from ssl_kit.data.module import ImageDataModule
 from ssl_kit.data.splits import Splits
 from ssl_kit.errors import UserError
@@ -51,14 +52,19 @@ class ClassificationDataModule(ImageDataModule):
         batch_size: images per device and step.
         num_workers: loader processes (default: 0 in memory, up to 8 for files).
         labels_per_class: keep only this many labeled training images per class (seeded, balanced).
-        train_augment: ``crop_flip`` (MAE probe), ``finetune`` (+ RandAugment, random erasing) or ``none``.
+        train_augment: ``pad_crop`` (flip + translation by reflect-padding img_size / 8: keeps small grey
+            items whole), ``crop_flip`` (MAE probe: random resized crop + flip), ``finetune`` (MAE fine-tune:
+            crop_flip + RandAugment + random erasing) or ``none``.
         crop_scale: RandomResizedCrop area range.
-        rand_augment_magnitude: RandAugment magnitude (2 ops) for ``finetune``.
+        rand_augment_magnitude: largest RandAugment magnitude (0-10 scale; 2 ops) for ``finetune``, 0 = off.
         random_erase: random erasing probability for ``finetune``.
         decode_size: side of decoded image files (default img_size / 0.875).
         val_fraction: held-out fraction when a folder has no ``val/``.
         verify_images: open every file once and skip unreadable ones.
         seed: subset, order and augmentation seed.
+        epoch_steps: training batches per epoch (the labeled images are cycled as consecutive fresh
+            permutations); unset = one pass over the labeled images. Lets a schedule be set in steps
+            whatever the label count.
         draw_group_size: images of the global batch that share one random stream (augmentation, masks);
             unset = one stream per device batch. Runs whose per-device batch is a multiple of it draw
             the same for every image on any number of processes (``ssl_kit.distributed``).
@@ -73,7 +79,7 @@ class ClassificationDataModule(ImageDataModule):
         batch_size: int = 256,
         num_workers: int | None = None,
         labels_per_class: int | None = None,
-        train_augment: Literal["crop_flip", "finetune", "none"] = "crop_flip",
+        train_augment: Literal["pad_crop", "crop_flip", "finetune", "none"] = "crop_flip",
         crop_scale: tuple[float, float] = (0.08, 1.0),
         rand_augment_magnitude: int = 9,
         random_erase: float = 0.25,
@@ -82,9 +88,13 @@ class ClassificationDataModule(ImageDataModule):
         verify_images: bool = True,
         seed: int = 0,
         draw_group_size: int | None = None,
+        epoch_steps: int | None = None,
     ) -> None:
         super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, decode_size, val_fraction, verify_images, seed,
                          draw_group_size)
+        if epoch_steps is not None and epoch_steps < 1:
+            raise UserError(f"--data.epoch_steps must be >= 1 (or unset: one pass over the labeled images), got {epoch_steps}.")
+        self.epoch_steps = epoch_steps
         self.labels_per_class = labels_per_class
         self.train_transform = self._train_transform(train_augment, crop_scale, rand_augment_magnitude, random_erase)
         self.splits: Splits | None = None
@@ -94,8 +104,10 @@ class ClassificationDataModule(ImageDataModule):
     def _train_transform(self, kind: str, crop_scale: tuple[float, float], magnitude: int, erase: float) -> nn.Module:
         if kind == "none":
             return self.eval_transform
+        if kind == "pad_crop":
+            return PadCropAugment(WeakStrongAugment(self.img_size, self.mean, self.std, "pad_crop", num_ops=0, cutout=False))
         if kind not in ("crop_flip", "finetune"):
-            raise UserError(f"--data.train_augment must be crop_flip, finetune or none, got {kind!r}.")
+            raise UserError(f"--data.train_augment must be pad_crop, crop_flip, finetune or none, got {kind!r}.")
         base = TrainAugment(self.img_size, self.mean, self.std, crop_scale, hflip=True)
         if kind == "crop_flip":
             return base
@@ -140,7 +152,9 @@ class ClassificationDataModule(ImageDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self.make_loader(self.train_set, train=True)
+        if self.epoch_steps is None:
+            return self.make_loader(self.train_set, train=True)
+        return self.make_loader(self.train_set, train=True, num_samples=self.epoch_steps * self.batch_size * self._world()[1])
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
@@ -160,20 +174,34 @@ class ClassificationDataModule(ImageDataModule):
         return transform.to(images.device)(images), labels
 
 
+class PadCropAugment(nn.Module):
+    """The weak view of consistency training as a training transform: flip + reflect-pad translation."""
+
+    def __init__(self, views: WeakStrongAugment) -> None:
+        super().__init__()
+        self.views = views
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``[B, C, h, w]`` uint8 -> ``[B, C, S, S]`` normalised."""
+        return self.views.weak(images)
+
+
 class FinetuneAugment(nn.Module):
-    """Crop + flip, then RandAugment (2 ops) and random erasing, as the MAE fine-tune recipe."""
+    """Crop + flip, then RandAugment (2 ops per image, each with probability 0.5, magnitude uniform in
+    1..``magnitude`` of 10, as timm's ``rand-m9-mstd0.5`` of the MAE fine-tune recipe; no Cutout) and
+    random erasing."""
 
     def __init__(self, base: TrainAugment, magnitude: int, erase: float) -> None:
         super().__init__()
         self.base = base
-        self.rand_augment = K.auto.RandAugment(n=2, m=magnitude) if magnitude > 0 else None
+        self.rand_augment = RandAugment(2, (1, magnitude), 0.5, cutout_prob=0.0) if magnitude > 0 else None
         self.erase = K.RandomErasing(p=erase) if erase > 0 else None
 
     def forward(self, images: Tensor) -> Tensor:
         x = images.float().div(255.0)
         x = self.base.ops(x).clamp(0, 1)
         if self.rand_augment is not None:
-            x = apply_colour_safe(self.rand_augment, x)
+            x = self.rand_augment(x)
         x = (x - self.base.mean) / self.base.std
         if self.erase is not None:
             x = self.erase(x)

@@ -42,7 +42,8 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         labels_per_class: labeled images kept per class (balanced, seeded); None = every labeled image.
         weak: ``pad_crop`` (flip + reflect-pad translate) or ``resized_crop``.
         strong_ops: RandAugment operations of the strong view (0 = weak view only).
-        magnitude_range: random RandAugment magnitude range (kornia scale 1..29).
+        magnitude_range: random RandAugment magnitude range (UDA's 0-10 scale: 1..9).
+        strong_op_prob: probability that each drawn RandAugment operation is applied (UDA: 0.5).
         cutout: Cutout on the strong view.
         val_size: validation images scored each epoch (0 = all; a seeded subset otherwise).
         num_workers: loader processes (default 0 in memory, up to 8 for files).
@@ -67,7 +68,8 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         labels_per_class: int | None = 10,
         weak: Literal["pad_crop", "resized_crop"] = "pad_crop",
         strong_ops: int = 2,
-        magnitude_range: tuple[int, int] = (1, 29),
+        magnitude_range: tuple[int, int] = (1, 9),
+        strong_op_prob: float = 0.5,
         cutout: bool = True,
         val_size: int = 0,
         num_workers: int | None = None,
@@ -83,7 +85,8 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         if mu < 0:
             raise UserError(f"--data.mu must be >= 0 (unlabeled images per labeled image), got {mu}.")
         self.unlabeled_root, self.mu, self.val_size = unlabeled_root, mu, val_size
-        self.augment = WeakStrongAugment(img_size, self.mean, self.std, weak, strong_ops, tuple(magnitude_range), cutout)
+        self.augment = WeakStrongAugment(img_size, self.mean, self.std, weak, strong_ops, tuple(magnitude_range), cutout,
+                                         strong_op_prob)
         self.unlabeled_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:

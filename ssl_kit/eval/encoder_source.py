@@ -20,8 +20,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style, resolve_encoder_spec, select_attention_kernel
 from ssl_kit.errors import UserError
-from ssl_kit.export import CONFIG, WEIGHTS
-from ssl_kit.methods.base import CHECKPOINT_KEY
+from ssl_kit.export import CHECKPOINT_KEY, CONFIG, WEIGHTS
 
 log = logging.getLogger("ssl_kit")
 

@@ -24,10 +24,10 @@ from torch import Tensor
 
 from ssl_kit.encoders import EncoderSpec, resolve_encoder_spec
 from ssl_kit.errors import NonFiniteLossError
+from ssl_kit.export import CHECKPOINT_KEY
 from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 
 
-CHECKPOINT_KEY = "ssl_kit"
 
 
 class SSLMethod(pl.LightningModule):

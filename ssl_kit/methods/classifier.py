@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -16,6 +17,7 @@ from ssl_kit.errors import UserError
 from ssl_kit.eval.encoder_source import EncoderSource, load_encoder
 from ssl_kit.eval.linear_probe import ValidationTop1
 from ssl_kit.methods.base import SSLMethod
+from ssl_kit.optim import adamw_param_groups
 
 
 def pretrained_or_random(
@@ -58,6 +60,20 @@ def build_classifier(
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
     return model, spec
+
+
+def classifier_param_groups(model: VisionTransformer, weight_decay: float, layer_decay: float,
+                            prefix: str = "encoder") -> list[dict[str, Any]]:
+    """AdamW groups of a ViT classifier: no weight decay on biases / norms / tokens, and with ``layer_decay``
+    < 1 timm's layer-wise groups (``lr_scale = layer_decay ** (depth + 1 - layer id)``: the head at the full
+    lr, block i at ``layer_decay ** (depth + 1 - (i + 1))``, embeddings lowest). The scale is applied by
+    :func:`ssl_kit.optim.adamw_warmup_cosine`."""
+    if layer_decay >= 1.0:
+        return adamw_param_groups({prefix: model}, weight_decay)
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=layer_decay)
+    return [{"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": g["lr_scale"], "module": prefix}
+            for g in groups if g["params"]]
 
 
 def pre_logits(model: VisionTransformer, images: Tensor) -> Tensor:
