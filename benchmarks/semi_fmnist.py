@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +57,9 @@ def main() -> None:
     parser.add_argument("--labels", type=int, nargs="+", default=[10, 40])
     parser.add_argument("--inits", nargs="+", default=["random", "mae"], choices=["random", "mae"])
     parser.add_argument("--methods", nargs="+", default=["supervised", "uda", "mpl"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="each seed draws its own labeled subset (--data.seed) and run seed (--seed_everything), "
+                             "the same for every method")
     parser.add_argument("--runs", default="runs/bench_semi")
     parser.add_argument("--result", default="semi_fmnist.json")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -66,26 +71,31 @@ def main() -> None:
         "(8 labeled [+ 2 x 56 unlabeled] images per step, ViT-Tiny width depth 6, patch 4) with the overrides "
         f"{' '.join(args.extra) or 'none'}"),
         "runs": {}}
-    for labels in args.labels:
-        for init in args.inits:
-            for method in args.methods:
-                name = f"{method}_{labels}pc_{init}"
-                run_dir = Path(args.runs) / name
-                cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir),
-                       "--data.labels_per_class", str(labels), "--data.val_size", "500", *args.extra]
-                if init == "mae":
-                    cmd += ["--model.init_from", args.mae_encoder]
-                start = time.perf_counter()
-                subprocess.run(cmd, check=True)
-                wall = time.perf_counter() - start
-                result["runs"][name] = {"method": method, "labels_per_class": labels, "init": init,
-                                        "test_top1": test_top1(run_dir / "encoder"), "wall_s": round(wall, 1),
-                                        "steps": optimisation_steps(run_dir),
-                                        "command": " ".join(cmd)}
-                print(json.dumps(result["runs"][name]), flush=True)
-                RESULTS.mkdir(exist_ok=True)
-                out.write_text(json.dumps(result, indent=2) + "\n")
+    for labels, init, seed, method in itertools.product(args.labels, args.inits, args.seeds, args.methods):
+        name = f"{method}_{labels}pc_{init}_s{seed}"
+        run_dir = Path(args.runs) / name
+        cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir), "--seed_everything", str(seed),
+               "--data.seed", str(seed), "--data.labels_per_class", str(labels), "--data.val_size", "500", *args.extra]
+        if init == "mae":
+            cmd += ["--model.init_from", args.mae_encoder]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - start
+        result["runs"][name] = {"method": method, "labels_per_class": labels, "init": init, "seed": seed,
+                                "test_top1": test_top1(run_dir / "encoder"), "wall_s": round(wall, 1),
+                                "steps": optimisation_steps(run_dir), "command": " ".join(cmd)}
+        print(json.dumps(result["runs"][name]), flush=True)
+        result["summary"] = summarise(result["runs"])
+        RESULTS.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
+
+def summarise(runs: dict[str, dict]) -> dict[str, dict]:
+    """Mean and spread (half the range) of test top-1 per method, label count and start, over seeds."""
+    groups: dict[str, list[float]] = {}
+    for row in runs.values():
+        groups.setdefault(f"{row['method']}_{row['labels_per_class']}pc_{row['init']}", []).append(row["test_top1"])
+    return {k: {"mean": statistics.mean(v), "spread": (max(v) - min(v)) / 2, "n": len(v)} for k, v in groups.items()}
 
 if __name__ == "__main__":
     sys.exit(main())

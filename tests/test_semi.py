@@ -274,3 +274,26 @@ def test_uda_layer_decay_gives_each_block_its_own_lr_and_tsa_is_off_by_default()
     assert all(g["lr_scale"] == 1.0 for g in classifier_param_groups(enc, 0.05, 1.0) if "lr_scale" in g)
     with pytest.raises(UserError, match="layer_decay must lie in"):
         tiny_uda(layer_decay=0.0)
+
+
+def test_mpl_teacher_warms_up_alone_while_the_student_waits_then_both_learn():
+    from types import SimpleNamespace
+
+    from ssl_kit.methods import MetaPseudoLabels
+
+    module = MetaPseudoLabels(encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, img_size=16,
+                              warmup_epochs=0.0, student_wait_epochs=2.0)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=40, num_training_batches=10, accumulate_grad_batches=1,
+                                      world_size=1, max_epochs=4, datamodule=SimpleNamespace(batch_size=256))
+    (teacher, student) = [c["lr_scheduler"]["scheduler"] for c in module.configure_optimizers()]
+    teacher_lrs, student_lrs = [], []
+    for _ in range(40):
+        teacher_lrs.append(teacher.optimizer.param_groups[0]["lr"])
+        student_lrs.append(student.optimizer.param_groups[0]["lr"])
+        teacher.optimizer.step()
+        student.optimizer.step()
+        teacher.step()
+        student.step()
+    assert all(lr > 0 for lr in teacher_lrs[:20]) and all(lr == 0 for lr in student_lrs[:20])  # 2 epochs of 10 steps
+    assert all(lr > 0 for lr in student_lrs[20:39])  # then the student learns on its own cosine
+    assert student_lrs[20] == pytest.approx(1e-2)  # the student's schedule starts after the wait (base 1e-2 at batch 256)

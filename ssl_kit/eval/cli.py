@@ -26,7 +26,7 @@ from ssl_kit.cli import find_user_error, setup_logging
 from ssl_kit.data.classification import ClassificationDataModule
 from ssl_kit.data.module import EpochSeededRandomSampler
 from ssl_kit.errors import UserError
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, read_checkpoint
+from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, read_checkpoint, recorded_encoder
 from ssl_kit.eval.features import encoder_features, feature_dim
 from ssl_kit.eval.finetune import FineTune
 from ssl_kit.eval.knn import extract_features, feature_batch_size, weighted_knn
@@ -91,10 +91,12 @@ def output_dir(cfg: Any, command: str) -> Path:
 
 
 def prepare(cfg: Any, command: str) -> tuple[ClassificationDataModule, Path, EncoderSource, float]:
-    """Data (set up, so bad data fails before anything is written), output folder, encoder source, start time."""
+    """Data (set up, so bad data fails before anything is written), output folder, encoder source, start time.
+    Every random draw of the run follows ``--data.seed`` (the labeled subset too)."""
     start = time.perf_counter()
     data = ClassificationDataModule(**cfg.data)
     data.setup()
+    pl.seed_everything(data.seed, workers=True, verbose=False)  # head init, augmentation, drop-path: one seed per run
     return data, output_dir(cfg, command), source_of(cfg), start
 
 
@@ -139,15 +141,8 @@ def default_feature(source: EncoderSource, kind: str) -> str:
 
 def encoder_record(source: EncoderSource) -> tuple[str | None, str | None]:
     """(method name, global_pool) recorded with a checkpoint or export; (None, None) for a random init."""
-    if source.ckpt:
-        spec, _, record = read_checkpoint(Path(source.ckpt))
-        return record.get("method"), spec.kwargs.get("global_pool")
-    if source.encoder:
-        folder = Path(source.encoder)
-        folder = folder.parent if folder.name == "config.json" else folder
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        return config.get("method"), config.get("kwargs", {}).get("global_pool")
-    return None, None
+    spec, method = recorded_encoder(source)
+    return method, spec.kwargs.get("global_pool") if spec is not None else None
 
 
 def extract_split_features(model: torch.nn.Module, data: ClassificationDataModule, kind: str, last_n: int,
@@ -182,7 +177,9 @@ def knn_body(argv: list[str]) -> dict[str, Any]:
     parser = base_parser("ssl-knn", "Weighted k-NN top-1 on L2-normalised frozen features.", with_trainer=False)
     parser.add_argument("--k", type=str, default="20", help="neighbours: one value or a list like 10,20,100,200")
     parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--feature", type=str, default="cls", help="cls, avgpool or cls_last_n")
+    parser.add_argument("--feature", type=str, default="auto",
+                        help="auto (the readout the encoder was trained for: avgpool for MAE / LoMaR, cls for iBOT), cls, "
+                             "avgpool or cls_last_n")
     parser.add_argument("--last_n", type=int, default=4)
     parser.set_defaults({"data.train_augment": "none"})
     cfg = parser.parse_args(argv)
@@ -191,9 +188,10 @@ def knn_body(argv: list[str]) -> dict[str, Any]:
     except ValueError as err:
         raise UserError(f"--k takes integers like 20 or 10,20,100,200, got {cfg.k!r}") from err
     data, out, source, start = prepare(cfg, "knn")
+    feature = default_feature(source, cfg.feature)
     model, _ = load_encoder(source, data.img_size, data.in_chans)
     dtype = feature_precision(cfg)
-    train_f, train_y, val_f, val_y = extract_split_features(model, data, cfg.feature, cfg.last_n, device_of(cfg), dtype)
+    train_f, train_y, val_f, val_y = extract_split_features(model, data, feature, cfg.last_n, device_of(cfg), dtype)
     preds = weighted_knn(train_f, train_y, val_f, data.num_classes, ks, cfg.temperature)
     top1 = {k: float((preds[k] == val_y).float().mean()) for k in ks}
     with open(out / "knn.csv", "w", newline="") as f:
@@ -201,13 +199,13 @@ def knn_body(argv: list[str]) -> dict[str, Any]:
         writer.writerow(["k", "top1"])
         writer.writerows([[k, f"{v:.6f}"] for k, v in top1.items()])
     data.save_subset(out / "labeled_subset.json")
-    metrics = {"command": "ssl-knn", "encoder": source.describe(), "feature": cfg.feature, "temperature": cfg.temperature,
+    metrics = {"command": "ssl-knn", "encoder": source.describe(), "feature": feature, "temperature": cfg.temperature,
                "precision": "bf16-mixed" if dtype == torch.bfloat16 else "32-true",
                "knn_top1": {str(k): v for k, v in top1.items()}, "num_train": len(train_y), "num_val": len(val_y),
                "labels_per_class": data.labels_per_class, "wall_s": round(time.perf_counter() - start, 1)}
     write_metrics(out, metrics)
     head = ks[len(ks) // 2] if 20 not in ks else 20
-    print(f"k-NN top-1 (k={head}, T={cfg.temperature}): {100 * top1[head]:.2f} %  [{source.describe()}]\n"
+    print(f"k-NN top-1 (k={head}, T={cfg.temperature}): {100 * top1[head]:.2f} %  [{source.describe()}; {feature}]\n"
           f"  all k: {', '.join(f'{k}: {100 * v:.2f} %' for k, v in top1.items())}\n  metrics: {out / 'metrics.json'}")
     return metrics
 

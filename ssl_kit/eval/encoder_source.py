@@ -76,6 +76,21 @@ def _read_export(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor]]:
     return EncoderSpec(config["timm_name"], dict(config["kwargs"])), load_file(str(folder / WEIGHTS))
 
 
+def recorded_encoder(source: EncoderSource) -> tuple[EncoderSpec | None, str | None]:
+    """The spec and method name a checkpoint or export was saved with; ``(None, None)`` for a random init."""
+    if source.ckpt:
+        spec, _, record = read_checkpoint(Path(source.ckpt))
+        return spec, record.get("method")
+    if source.encoder:
+        folder = Path(source.encoder)
+        folder = folder.parent if folder.name == CONFIG else folder
+        if not (folder / CONFIG).is_file():
+            raise UserError(f"{folder} is not an ssl_kit encoder export (needs {CONFIG} and {WEIGHTS}).")
+        config = json.loads((folder / CONFIG).read_text())
+        return EncoderSpec(config["timm_name"], dict(config["kwargs"])), config.get("method")
+    return None, None
+
+
 def load_encoder(
     source: EncoderSource, img_size: int, in_chans: int, **overrides: Any
 ) -> tuple[VisionTransformer, EncoderSpec]:

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.encoders import EncoderSpec
 from ssl_kit.errors import UserError
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder
+from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, recorded_encoder
 from ssl_kit.eval.linear_probe import ValidationTop1
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.optim import adamw_param_groups
@@ -50,13 +50,18 @@ def build_classifier(
             patch tokens, as MAE fine-tunes: MAE never trains the [CLS] token).
 
     Returns:
-        The model (head near zero: predictions start uniform) and the spec that rebuilds it with timm.
+        The model and the spec that rebuilds it with timm. The head starts near zero (predictions uniform),
+        unless ``init_from`` is a classifier with the same classes and pooling (e.g. the supervised recipe's
+        export: UDA / MPL then start from the fine-tuned model, whose confident predictions pass the mask).
     """
     if global_pool not in ("token", "avg"):
         raise UserError(f"--model.global_pool must be token or avg, got {global_pool!r}.")
     source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
     model, spec = load_encoder(source, img_size, in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate,
                                global_pool=global_pool)
+    saved, _ = recorded_encoder(source)
+    if saved is not None and saved.kwargs.get("num_classes") == num_classes and saved.kwargs.get("global_pool") == global_pool:
+        return model, spec  # a trained classifier (a supervised / UDA / MPL export): its head is kept
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
     return model, spec

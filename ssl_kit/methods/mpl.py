@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.errors import UserError
 from ssl_kit.losses.semi import centred_feedback, uda_consistency
-from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier
-from ssl_kit.optim import adamw_param_groups, effective_batch_size, scaled_lr, steps_per_epoch, warmup_cosine
+from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
+from ssl_kit.optim import effective_batch_size, scaled_lr, steps_per_epoch, warmup_cosine
 from ssl_kit.teacher import ema_update, inverse_momentum, make_teacher
 
 
@@ -145,6 +146,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         ema_decay: student EMA cap (0.995).
         finetune_epochs: the last epochs fine-tune only the student on labeled data at ``finetune_lr``.
         finetune_lr: absolute lr of that stage.
+        layer_decay: layer-wise lr decay of both ViTs (timm groups; 1.0 = off).
     """
 
     def __init__(
@@ -175,10 +177,13 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         ema_decay: float = 0.995,
         finetune_epochs: int = 0,
         finetune_lr: float = 1e-5,
+        layer_decay: float = 1.0,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise UserError(f"--model.optimizer must be sgd or adamw, got {optimizer!r}.")
+        if not 0.0 < layer_decay <= 1.0:
+            raise UserError(f"--model.layer_decay must lie in (0, 1] (1 = off), got {layer_decay}.")
         self.save_hyperparameters()
         self.automatic_optimization = False
         build = dict(encoder=encoder, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -196,6 +201,17 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
     def export_module(self) -> nn.Module:
         return self.ema_encoder
 
+    def init_metrics(self, num_classes: int) -> None:
+        super().init_metrics(num_classes)
+        self.val_acc_teacher = MulticlassAccuracy(num_classes, average="micro")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """``val_top1`` of the exported student EMA (the run's figure) and ``val_top1_teacher`` of the teacher."""
+        super().validation_step(batch, batch_idx)
+        images, labels = batch
+        self.val_acc_teacher(self.teacher(images), labels)
+        self.log("val_top1_teacher", self.val_acc_teacher, prog_bar=True, on_epoch=True, batch_size=len(labels))
+
     def pseudo_labeller(self) -> tuple[nn.Module, float]:
         """The teacher, and its UDA confidence threshold (for the pseudo-label pictures)."""
         return self.teacher, self.hparams.threshold
@@ -211,7 +227,9 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
     def _optimizer(self, name: str, module: nn.Module, base_lr: float) -> torch.optim.Optimizer:
         hp = self.hparams
         lr = scaled_lr(base_lr, effective_batch_size(self.trainer, self.trainer.datamodule.batch_size))
-        groups = adamw_param_groups({name: module}, hp.weight_decay)
+        groups = classifier_param_groups(module, hp.weight_decay, hp.layer_decay, prefix=name)
+        for group in groups:
+            group["lr"] = lr * group.pop("lr_scale", 1.0)
         if hp.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
         return torch.optim.AdamW(groups, lr=lr)
