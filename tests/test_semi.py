@@ -297,3 +297,18 @@ def test_mpl_teacher_warms_up_alone_while_the_student_waits_then_both_learn():
     assert all(lr > 0 for lr in teacher_lrs[:20]) and all(lr == 0 for lr in student_lrs[:20])  # 2 epochs of 10 steps
     assert all(lr > 0 for lr in student_lrs[20:39])  # then the student learns on its own cosine
     assert student_lrs[20] == pytest.approx(1e-2)  # the student's schedule starts after the wait (base 1e-2 at batch 256)
+
+
+def test_a_trained_classifier_given_as_init_from_keeps_its_head_a_bare_encoder_gets_a_near_zero_one(tmp_path):
+    from ssl_kit.encoders import build_encoder, resolve_encoder_spec
+    from ssl_kit.export import export_encoder
+
+    spec = resolve_encoder_spec("tiny", img_size=16, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2,
+                                num_classes=10, global_pool="avg")
+    classifier = build_encoder(spec)
+    torch.nn.init.normal_(classifier.head.weight, std=1.0)
+    export_encoder(classifier, spec, tmp_path / "classifier")
+    model, _ = build_classifier("tiny", 16, 4, 1, None, 10, str(tmp_path / "classifier"), 0.0, "avg")
+    assert torch.equal(model.head.weight, classifier.head.weight)  # UDA / MPL start from the fine-tuned model
+    other_pool, _ = build_classifier("tiny", 16, 4, 1, None, 10, str(tmp_path / "classifier"), 0.0, "token")
+    assert other_pool.head.weight.abs().max() < 1e-3  # a head trained on another readout is not reused
