@@ -129,7 +129,8 @@ def default_feature(source: EncoderSource, kind: str) -> str:
     supervised) follows its ``global_pool``; a random init uses the mean patch token."""
     if kind != "auto":
         return kind
-    method, pool = encoder_record(source)
+    spec, method = recorded_encoder(source)
+    pool = spec.kwargs.get("global_pool") if spec is not None else None
     if method in ("MAE", "LoMaR"):
         return "avgpool"
     if method == "IBOT":
@@ -137,12 +138,6 @@ def default_feature(source: EncoderSource, kind: str) -> str:
     if pool is not None and method is not None:
         return "avgpool" if pool == "avg" else "cls"
     return "avgpool"
-
-
-def encoder_record(source: EncoderSource) -> tuple[str | None, str | None]:
-    """(method name, global_pool) recorded with a checkpoint or export; (None, None) for a random init."""
-    spec, method = recorded_encoder(source)
-    return method, spec.kwargs.get("global_pool") if spec is not None else None
 
 
 def extract_split_features(model: torch.nn.Module, data: ClassificationDataModule, kind: str, last_n: int,
@@ -303,7 +298,7 @@ def linear_probe_body(argv: list[str]) -> dict[str, Any]:
         module = LinearProbe(model, **hp)
         fit = lambda trainer: trainer.fit(module, datamodule=data)  # noqa: E731
     protocol = ("cached features: extracted once without augmentation, head trained on them"
-                if cfg.cached_features else f"full: frozen encoder on augmented images ({data_augment_name(cfg)}) every step")
+                if cfg.cached_features else f"full: frozen encoder on augmented images ({cfg.data.train_augment}) every step")
     data.save_subset(out / "labeled_subset.json")
     metrics = fit_and_report("ssl-linear-probe", cfg, out, module, fit, {
         "encoder": source.describe(), "protocol": protocol, "cached_features": bool(cfg.cached_features),
@@ -313,10 +308,6 @@ def linear_probe_body(argv: list[str]) -> dict[str, Any]:
           f"  [{source.describe()}; {feature}; {'cached features' if cfg.cached_features else 'full protocol'}]\n"
           f"  metrics: {out / 'metrics.json'}")
     return metrics
-
-
-def data_augment_name(cfg: Any) -> str:
-    return str(cfg.data.train_augment)
 
 
 def linear_probe_main(args: Sequence[str] | None = None) -> int:
@@ -355,7 +346,7 @@ def finetune_body(argv: list[str]) -> dict[str, Any]:
     metrics = fit_and_report("ssl-finetune", cfg, out, module, lambda trainer: trainer.fit(module, datamodule=data), {
         "encoder": source.describe(), "labels_per_class": data.labels_per_class, "layer_decay": cfg.layer_decay,
         "base_lr": cfg.base_lr, "global_pool": pool, "drop_path": cfg.drop_path, "mixup": cfg.mixup, "cutmix": cfg.cutmix,
-        "train_augment": data_augment_name(cfg), "steps": cfg.steps, "batch_size": data.batch_size}, start)
+        "train_augment": cfg.data.train_augment, "steps": cfg.steps, "batch_size": data.batch_size}, start)
     print(f"fine-tune top-1: {100 * metrics['val_top1_final']:.2f} % (best validation {100 * metrics['val_top1_best']:.2f} %)"
           f"  [{source.describe()}; {pool} pool]\n  metrics: {out / 'metrics.json'}")
     return metrics
