@@ -1,13 +1,19 @@
-"""Callbacks shared by every method: pictures per epoch and the end-of-training encoder export."""
+"""Callbacks shared by every method: pictures per epoch, the end-of-training encoder export, and the checkpoint
+written when the run is told to stop (SIGTERM)."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
+from types import FrameType
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ssl_kit.export import export_encoder
 from ssl_kit.viz import save_detection_grid, save_panel_grid, save_pseudo_label_grid, save_segmentation_grid
@@ -160,3 +166,43 @@ class EncoderExport(pl.Callback):
         extra = {"method": type(pl_module).__name__, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
         export_encoder(pl_module.export_module(), pl_module.encoder_spec, self.out_dir, extra)
         log.info("exported encoder to %s", self.out_dir)
+
+
+class CheckpointOnSignal(pl.Callback):
+    """Write a resumable checkpoint when the process is told to stop: SIGTERM (a scheduler's pre-emption or
+    ``scancel``, ``kill``, ``docker stop``), and SIGUSR1 where Lightning's SLURM requeue does not take it.
+
+    Lightning notes a SIGTERM and stops at the end of the current training step with its ``SIGTERMException``;
+    this callback then saves ``path`` (the run's ``last.ckpt``) through the trainer, so everything a step-boundary
+    checkpoint holds is there (loop progress, the data position, schedulers after their step) and the run resumes
+    exactly. A SIGUSR1 is passed on as a SIGTERM, unless a handler is already installed (Lightning's SLURM
+    auto-requeue saves ``hpc_ckpt_N.ckpt`` itself). ``signal_name`` and ``saved`` tell the caller what happened.
+
+    Args:
+        path: the checkpoint file to write.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.signal_name = "SIGTERM"
+        self.saved: Path | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after Lightning installed its handlers (its SIGUSR1 one only under SLURM auto-requeue); Lightning's
+        # teardown puts back the handlers found before it started, SIG_DFL for SIGUSR1 here
+        sigusr1 = getattr(signal, "SIGUSR1", None)  # not on Windows
+        in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+        if sigusr1 is not None and in_main_thread and signal.getsignal(sigusr1) in (signal.SIG_DFL, None):
+            signal.signal(sigusr1, self._sigusr1_as_sigterm)
+
+    def _sigusr1_as_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_name = "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved = self.path
+        if trainer.is_global_zero:
+            log.info("%s: saved %s at step %d", self.signal_name, self.path, trainer.global_step)

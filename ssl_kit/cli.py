@@ -8,6 +8,8 @@ on the command line and ``--print_config`` shows the resolved configuration. The
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 import sys
 import time
 import warnings
@@ -21,10 +23,14 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ssl_kit.callbacks import DetectionPictures, EncoderExport, PseudoLabelPictures, ReconstructionPictures, SegmentationPictures
+from ssl_kit.callbacks import (CheckpointOnSignal, DetectionPictures, EncoderExport, PseudoLabelPictures,
+                               ReconstructionPictures, SegmentationPictures)
+from ssl_kit.checkpointing import remove_partial_writes
+from ssl_kit.data.resumable import RestoreLoaderPosition
 from ssl_kit.errors import UserError
-from ssl_kit.eval.knn import KNNMonitor
+from ssl_kit.eval.knn import KNNMonitor, knn_unscorable
 from ssl_kit.qscore import QScoreMonitor, QScoreRegularizer
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.precision import Trainer
@@ -118,30 +124,40 @@ class PretrainCLI(LightningCLI):
         self.run_path = run_dir
         dm = self.datamodule
         dm.setup("fit")  # fail on bad data now, before anything is written
-        has_labels = getattr(dm, "has_labels", False)
+        if rank_zero_only.rank == 0:
+            remove_partial_writes(run_dir)
         knn_every = int(self.config.get("knn_every_n_epochs", 1))
-        monitor = ("knn_top1", "max") if has_labels and knn_every > 0 else ("train_loss_epoch", "min")
+        # k-NN on data it cannot score (no labeled held-out split, one class) would log a meaningless top-1 and
+        # pick a "best" checkpoint by it: the best is then simply the last
+        self.unscored = knn_unscorable(dm) if knn_every > 0 and not hasattr(self.model, "checkpoint_monitor") else None
+        monitor = ("knn_top1", "max") if knn_every > 0 else ("train_loss_epoch", "min")
         monitor = getattr(self.model, "checkpoint_monitor", monitor)  # classifiers follow their val_top1
         if hasattr(dm, "save_subset"):
             save_labeled_subset(dm, run_dir)
-        self.checkpoint = ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
+        checkpoints = run_dir / "checkpoints"
+        self.checkpoint = None if self.unscored else ModelCheckpoint(
+            dirpath=checkpoints,
             filename="best-epoch{epoch:03d}-" + monitor[0].split("_")[0] + "{" + monitor[0] + ":.4f}",
             auto_insert_metric_name=False,
             monitor=monitor[0],
             mode=monitor[1],
             save_top_k=1,
         )
+        if self.unscored and rank_zero_only.rank == 0:
+            log.info("no k-NN score (%s): the best checkpoint is the last one, %s", self.unscored,
+                     checkpoints / "last.ckpt")
         # Lightning >= 2.5 writes save_last only when a top-k file was written in the same step, so
         # the latest state gets its own unmonitored checkpoint, overwritten every epoch.
         self.last_checkpoint = ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+            dirpath=checkpoints, filename="last", save_top_k=1, enable_version_counter=False
         )
+        self.on_signal = CheckpointOnSignal(checkpoints / "last.ckpt")
         callbacks: list[pl.Callback] = list(self.config_init["trainer"].get("callbacks") or [])
-        callbacks += [self.checkpoint, self.last_checkpoint, LearningRateMonitor(logging_interval="step")]
+        callbacks += [c for c in (self.checkpoint, self.last_checkpoint) if c is not None]
+        callbacks += [self.on_signal, RestoreLoaderPosition(), LearningRateMonitor(logging_interval="step")]
         if self.config_init["trainer"].get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
-        if has_labels and knn_every > 0:
+        if knn_every > 0 and not self.unscored and getattr(dm, "has_labels", False):
             callbacks.append(KNNMonitor(every_n_epochs=knn_every))
         if hasattr(self.model, "reconstruction_panels"):
             callbacks.append(ReconstructionPictures(run_dir / "pictures"))
@@ -252,6 +268,7 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
     setup_logging()
     tune_cpu_allocator()
     argv = list(sys.argv[1:] if args is None else args)
+    argv_given = list(argv)
     try:
         recipe, argv = pop_option(argv, "--recipe")
         if recipe is None and not any(a == "--config" or a.startswith("--config=") for a in argv):
@@ -292,6 +309,8 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
         if ckpt_path and rank_zero_only.rank == 0:
             log.info("resuming from %s", ckpt_path)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning stopped at a step boundary; CheckpointOnSignal saved the state there
+        return stopped_by_signal(cli, argv_given)
     except Exception as err:  # a UserError, possibly wrapped by jsonargparse while instantiating classes
         user_error = find_user_error(err)
         if user_error is None:
@@ -303,6 +322,27 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
     return 0
 
 
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The ``ssl-pretrain`` command line that resumes ``run_dir`` from its newest checkpoint."""
+    _, argv = pop_option(argv, "--ckpt_path")
+    _, argv = pop_option(argv, "--run_dir")
+    return shlex.join(["ssl-pretrain", *argv, "--ckpt_path", "last", "--run_dir", str(run_dir)])
+
+
+def stopped_by_signal(cli: PretrainCLI, argv: list[str]) -> int:
+    """After SIGTERM (or SIGUSR1): say where the checkpoint is and how to resume; the exit code is 128 + the
+    signal's number, as for a process the signal ended, so schedulers and scripts see an unfinished run."""
+    on_signal = cli.on_signal
+    if rank_zero_only.rank == 0:
+        if on_signal.saved is not None:
+            print(f"ssl-pretrain: stopped by {on_signal.signal_name} at step {cli.trainer.global_step}; checkpoint "
+                  f"{on_signal.saved}. Resume with: {resume_command(argv, cli.run_path)}", file=sys.stderr)
+        else:
+            print(f"ssl-pretrain: stopped by {on_signal.signal_name} before the first training step; nothing to "
+                  "save.", file=sys.stderr)
+    return 128 + int(getattr(signal, on_signal.signal_name))
+
+
 def print_summary(cli: PretrainCLI) -> None:
     """Tell the user where everything went."""
     run = cli.run_path
@@ -310,7 +350,9 @@ def print_summary(cli: PretrainCLI) -> None:
     lines = [f"run folder: {run}"]
     if cli.last_checkpoint.best_model_path:
         lines.append(f"  last checkpoint: {cli.last_checkpoint.best_model_path}")
-    if ckpt.best_model_path:
+    if ckpt is None:
+        lines.append(f"  best checkpoint: the last one (no k-NN score: {cli.unscored})")
+    elif ckpt.best_model_path:
         score = f" ({ckpt.monitor} {float(ckpt.best_model_score):.4f})" if ckpt.best_model_score is not None else ""
         lines.append(f"  best checkpoint: {ckpt.best_model_path}{score}")
     logger = cli.trainer.logger

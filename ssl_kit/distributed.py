@@ -50,7 +50,8 @@ class GlobalBatchSampler(DistributedSampler):
     ``per_device_batch * num_replicas``; process ``rank`` yields rows ``[rank b, (rank + 1) b)`` of each.
     A trailing partial global batch is dropped (one process with fewer images than a batch gets them all
     as one smaller batch). Being a DistributedSampler, Lightning keeps it under DDP
-    and calls ``set_epoch``.
+    and calls ``set_epoch``. After :meth:`resume_at` (a mid-epoch resume), the next pass over that epoch
+    leaves out the batches already trained on.
     """
 
     def __init__(self, dataset: Dataset, per_device_batch: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
@@ -70,6 +71,17 @@ class GlobalBatchSampler(DistributedSampler):
             self.steps, self.per_device_batch = 1, self.images_per_epoch
         self.num_samples = self.steps * self.per_device_batch  # DistributedSampler.__len__
         self.total_size = self.num_samples * num_replicas
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) of a mid-epoch resume
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Let the next pass over epoch ``epoch`` start after its first ``batches`` batches; a pass over any other
+        epoch (the resumed epoch had ended) is whole. ``len()`` stays the whole epoch's, as Lightning counts."""
+        self._resume = (epoch, batches)
+        self.set_epoch(epoch)  # until Lightning sets the epoch it runs
+
+    def batches_skipped(self) -> int:
+        """Batches of this epoch that the next pass leaves out (0 unless resuming in the middle of it)."""
+        return self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
 
     def global_order(self) -> Tensor:
         """``[steps * W * b]`` data-set indices of this epoch (the 1-process order)."""
@@ -79,7 +91,8 @@ class GlobalBatchSampler(DistributedSampler):
         return torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need]
 
     def __iter__(self) -> Iterator[int]:
-        rows = self.global_order().view(self.steps, self.num_replicas, self.per_device_batch)[:, self.rank]
+        skip, self._resume = self.batches_skipped(), None
+        rows = self.global_order().view(self.steps, self.num_replicas, self.per_device_batch)[skip:, self.rank]
         return iter(rows.reshape(-1).tolist())
 
 

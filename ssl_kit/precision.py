@@ -19,6 +19,8 @@ import torch
 from pytorch_lightning.trainer.connectors.accelerator_connector import _PRECISION_INPUT
 from pytorch_lightning.utilities import rank_zero_only
 
+from ssl_kit.checkpointing import with_atomic_checkpoints
+
 log = logging.getLogger("ssl_kit")
 
 AUTO = "auto"
@@ -109,8 +111,10 @@ PrecisionArg = Union[Literal["auto"], _PRECISION_INPUT, None]
 
 
 class Trainer(pl.Trainer):
-    """Lightning's Trainer whose ``precision`` defaults to ``"auto"`` (:func:`resolve_precision`); every other
-    argument is Lightning's own."""
+    """Lightning's Trainer whose ``precision`` defaults to ``"auto"`` (:func:`resolve_precision`) and whose
+    checkpoints are written atomically (:class:`~ssl_kit.checkpointing.AtomicCheckpointIO`, unless ``plugins``
+    name another CheckpointIO); every other argument is Lightning's own."""
 
     def __init__(self, *args: Any, precision: PrecisionArg = AUTO, **kwargs: Any) -> None:
+        kwargs["plugins"] = with_atomic_checkpoints(kwargs.get("plugins"))
         super().__init__(*args, precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)

@@ -1,6 +1,14 @@
-"""Callbacks the end-to-end tests inject through --trainer.callbacks (importable: tests/ is on sys.path)."""
+"""Callbacks and plugins the end-to-end tests inject through --trainer.callbacks / --trainer.plugins (importable:
+tests/ is on sys.path)."""
+import io
+import os
+import signal
+import time
+
 import pytorch_lightning as pl
 import torch
+
+from ssl_kit.checkpointing import AtomicCheckpointIO
 
 TINY_ARGS = [
     "--recipe", "mae",
@@ -23,6 +31,45 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
+class SignalAtStep(pl.Callback):
+    """Simulate a pre-emption: the process sends itself ``signum`` (SIGTERM by default) after optimizer step
+    ``step``."""
+
+    def __init__(self, step: int = 2, signum: int = int(signal.SIGTERM)):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class SlowSteps(pl.Callback):
+    """Training steps that take at least ``seconds`` (room for a signal to land in the middle of a run)."""
+
+    def __init__(self, seconds: float = 0.3):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)
+
+
+class SlowCheckpointIO(AtomicCheckpointIO):
+    """A disk so slow that a kill can land inside a checkpoint write: half the bytes, a pause, the rest."""
+
+    def __init__(self, pause: float = 0.5):
+        super().__init__()
+        self.pause = pause
+
+    def write(self, checkpoint, f):
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(self.pause)
+        f.write(data[len(data) // 2:])
+
+
 class PoisonWeightsAtEpoch(pl.Callback):
     """Make the loss non-finite from epoch ``epoch`` on (weights set to NaN before it starts)."""
 
@@ -35,6 +82,14 @@ class PoisonWeightsAtEpoch(pl.Callback):
                 pl_module.decoder.pred.weight.fill_(float("nan"))
 
 
+def max_difference(a: dict, b: dict) -> tuple[str, float]:
+    """The state_dict entry of two checkpoints that differs most, and its largest absolute difference."""
+    diffs = {k: float((v.double() - b["state_dict"][k].double()).abs().max()) if v.numel() else 0.0
+             for k, v in a["state_dict"].items()}
+    key = max(diffs, key=diffs.get)
+    return key, diffs[key]
+
+
 def assert_same_final_state(full_ckpt, resumed_ckpt, steps: int) -> tuple[dict, dict]:
     """An uninterrupted and an interrupted-then-resumed run end at the same step with identical weights
     (students, teachers, centers: every state_dict entry). Returns both checkpoints."""
@@ -42,6 +97,8 @@ def assert_same_final_state(full_ckpt, resumed_ckpt, steps: int) -> tuple[dict, 
     b = torch.load(resumed_ckpt, weights_only=False)
     assert (a["global_step"], b["global_step"]) == (steps, steps)
     assert a["state_dict"].keys() == b["state_dict"].keys()
+    key, diff = max_difference(a, b)
+    print(f"largest weight difference after the resume: {diff:.3g} ({key})")
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     return a, b

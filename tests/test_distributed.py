@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from ssl_kit.data.augment import TrainAugment
 from ssl_kit.data.module import log_world_change
+from ssl_kit.data.resumable import ResumableLoader
 from ssl_kit.distributed import (DrawPlan, GlobalBatchSampler, check_draw_groups, global_mean, merge_rows, split_rows,
                                  step_seed)
 from ssl_kit.encoders import random_masking
@@ -41,6 +42,39 @@ def test_global_batch_sampler_epochs_and_long_epochs():
         GlobalBatchSampler(data, per_device_batch=4, num_replicas=4)
     small = GlobalBatchSampler(data, per_device_batch=16)  # one process, fewer images than a batch: all of them
     assert small.partial and sorted(small) == data
+
+
+def test_resumable_loader_saves_its_place_and_a_resume_continues_from_it():
+    """A mid-epoch checkpoint's loader state makes the resumed epoch hand out exactly the batches it had left; a
+    state saved at an epoch's end leaves the next epoch whole."""
+    data = torch.arange(40)
+
+    def loader() -> ResumableLoader:
+        return ResumableLoader(data, batch_size=4, sampler=GlobalBatchSampler(data, per_device_batch=4, seed=3))
+
+    first = loader()
+    first.sampler.set_epoch(1)
+    whole = [b.tolist() for b in first]
+    it = iter(first)
+    done = [next(it).tolist() for _ in range(3)]
+    assert done == whole[:3] and first.state_dict() == {"epoch": 1, "batches": 3}
+
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    batches = iter(resumed)  # Lightning calls iter() before it sets the epoch: nothing is drawn yet
+    resumed.sampler.set_epoch(1)
+    assert [b.tolist() for b in batches] == whole[3:] and len(resumed) == 10
+    assert resumed.state_dict() == {"epoch": 1, "batches": 10}
+    assert [b.tolist() for b in resumed] == whole  # the next pass over the epoch is whole again
+
+    ended = loader()
+    ended.load_state_dict({"epoch": 0, "batches": 10})  # saved at epoch 0's end, resumed in epoch 1
+    assert ended.state_dict() == {"epoch": 0, "batches": 10}  # saved again before Lightning set the epoch
+    ended.sampler.set_epoch(1)
+    assert ended.state_dict() == {"epoch": 1, "batches": 0}  # ... or after, before epoch 1's first batch
+    assert [b.tolist() for b in ended] == whole
+    ended.sampler.set_epoch(2)
+    assert ended.state_dict() == {"epoch": 2, "batches": 0}  # not epoch 1's count
 
 
 def test_draw_groups_make_draws_independent_of_the_process_split():

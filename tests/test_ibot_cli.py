@@ -1,5 +1,6 @@
 """`ssl-pretrain --recipe ibot` end to end (tiny): outputs, schedules in the log, exact resume."""
 import csv
+import signal
 
 import pytest
 import torch
@@ -44,11 +45,21 @@ def test_ibot_recipe_runs_logs_schedules_and_exports_the_teacher(tmp_path):
 
 
 def test_ibot_resume_ends_with_same_student_teacher_and_centers(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_cli(full, "--trainer.max_epochs", "2") == 0
-    assert run_cli(part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
-                   "--trainer.callbacks.epoch", "0") == 0
-    assert run_cli(part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    """At an epoch end, and mid-epoch after SLURM's pre-emption signal outside SLURM (SIGUSR1, taken as SIGTERM):
+    multi-crop views, block masks, teacher EMA, centers and the weight-decay schedule continue exactly."""
+    full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
+    fp32 = ("--trainer.max_epochs", "2", "--trainer.precision", "32-true")
+    assert run_cli(full, *fp32) == 0
+    stop_after_epoch_0 = ("--trainer.callbacks+=cli_helpers.StopAfterEpoch", "--trainer.callbacks.epoch", "0")
+    assert run_cli(part, *fp32, *stop_after_epoch_0) == 0
+    assert run_cli(part, *fp32, "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
     keys = a["state_dict"].keys()
     assert any(k.startswith("teacher.") for k in keys) and "criterion.center2" in keys
+
+    assert run_cli(cut, *fp32, "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "2",
+                   "--trainer.callbacks.signum", str(int(signal.SIGUSR1))) == 128 + signal.SIGUSR1
+    assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler went with the run
+    assert run_cli(cut, *fp32, "--ckpt_path", "last") == 0
+    assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)

@@ -39,14 +39,18 @@ def test_smoke_run_leaves_everything_in_the_run_folder(tmp_path, capsys):
     assert (run / "config.yaml").is_file()
 
 
-def test_resume_ends_with_the_same_weights(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_cli(full, "--trainer.max_epochs", "2") == 0
-    assert run_cli(part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
-                   "--trainer.callbacks.epoch", "0") == 0
+def test_resume_ends_with_the_same_weights(tmp_path, capsys):
+    """Stopped at an epoch end, or by SIGTERM in the middle of an epoch (after step 4 of 2 x 3): the resumed run
+    ends with the uninterrupted run's weights, optimizer and schedule (the data position, augmentation and mask
+    draws continue where they stopped)."""
+    full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
+    fp32 = ("--trainer.max_epochs", "2", "--trainer.precision", "32-true")
+    assert run_cli(full, *fp32) == 0
+    stop_after_epoch_0 = ("--trainer.callbacks+=cli_helpers.StopAfterEpoch", "--trainer.callbacks.epoch", "0")
+    assert run_cli(part, *fp32, *stop_after_epoch_0) == 0
     interrupted = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     assert interrupted["global_step"] == 3
-    assert run_cli(part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    assert run_cli(part, *fp32, "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
     opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
@@ -54,6 +58,36 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     # the first part's metrics survive the resume (Lightning's CSVLogger would delete them)
     first = (part / "metrics.part1.csv").read_text()
     assert "train_loss_epoch" in first and (part / "metrics.csv").is_file()
+
+    capsys.readouterr()
+    assert run_cli(cut, *fp32, "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "4") == 143
+    assert f"stopped by SIGTERM at step 4; checkpoint {cut / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().err
+    stopped = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)
+    assert stopped["global_step"] == 4 and stopped["epoch"] == 1
+    assert stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    assert run_cli(cut, *fp32, "--ckpt_path", "last") == 0
+    a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)
+    assert a["optimizer_states"][0]["state"][0]["step"] == b["optimizer_states"][0]["state"][0]["step"]
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6
+
+
+def test_one_class_folder_logs_no_knn_and_the_best_checkpoint_is_the_last(tmp_path, capsys, ssl_caplog):
+    """Issue #26: k-NN on one class scored 1.0 every epoch and named best-epoch000-knn1.0000.ckpt the best."""
+    from test_data import save
+
+    for i in range(40):
+        save(tmp_path / "data" / "cat" / f"{i}.png", size=(16, 16), seed=i)
+    run = tmp_path / "run"
+    assert run_cli(run, "--data.root", str(tmp_path / "data"), "--data.img_size", "16", "--model.patch_size", "4",
+                   "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "2") == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert rows and not any(r.get("knn_top1") for r in rows)
+    reason = "the data have one class (cat), so every k-NN vote is right and top-1 says nothing"
+    lines = [r.getMessage() for r in {id(r): r for r in ssl_caplog.records}.values() if "k-NN" in r.getMessage()]
+    last = run / "checkpoints" / "last.ckpt"
+    assert lines == [f"no k-NN score ({reason}): the best checkpoint is the last one, {last}"]
+    assert f"best checkpoint: the last one (no k-NN score: {reason})" in capsys.readouterr().out
 
 
 def test_nonfinite_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -89,6 +89,21 @@ def test_mpl_resume_restores_both_optimisers_schedulers_and_baseline(tmp_path):
     assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][1]["last_epoch"] == 4
 
 
+def test_uda_resumed_mid_epoch_ends_with_the_same_weights(tmp_path):
+    """SIGTERM after step 3 of 2 x 2: labeled / unlabeled positions, weak and strong views, the EMA classifier and
+    the schedule continue exactly."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    fp32 = ("--trainer.max_epochs", "2", "--trainer.precision", "32-true")
+    assert run_cli("uda", full, *fp32) == 0
+    sigterm_after_step_3 = ("--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "3")
+    assert run_cli("uda", cut, *fp32, *sigterm_after_step_3) == 143
+    stopped = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)
+    assert stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}] * 2
+    assert run_cli("uda", cut, *fp32, "--ckpt_path", "last") == 0
+    a, _ = assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=4)
+    assert any(k.startswith("ema_encoder.") for k in a["state_dict"])  # the evaluated EMA classifier is compared too
+
+
 def test_mpl_runs_under_two_process_cpu_ddp(tmp_path):
     run = tmp_path / "ddp"
     run_cpu_ddp(["--recipe", "mpl", *TINY_SEMI, "--run_dir", run, "--trainer.max_epochs", "1"],

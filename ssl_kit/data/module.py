@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from ssl_kit.data.augment import EvalTransform, MultiCropAugment, TrainAugment
+from ssl_kit.data.resumable import ResumableLoader
 from ssl_kit.data.splits import Splits, channel_stats, load_splits, resolve_source
 from ssl_kit.distributed import DrawPlan, GlobalBatchSampler, check_draw_groups, step_seed
 from ssl_kit.errors import UserError
@@ -53,7 +54,7 @@ class EpochSeededRandomSampler(RandomSampler):
 
 def default_num_workers(source: str) -> int:
     """0 for in-memory tensors; decoding files gets up to 8 worker processes."""
-    return 0 if source == "fashion_mnist" else min(8, os.cpu_count() or 1)
+    return 0 if source in ("fashion_mnist", "fmnist_scenes") else min(8, os.cpu_count() or 1)
 
 
 def log_world_change(saved: dict[str, Any], world: int, accumulate: int, batch_size: int) -> None:
@@ -89,12 +90,13 @@ class ImageDataModule(pl.LightningDataModule):
         self.root = root
         self.source = resolve_source(root, dataset)
         self.img_size = img_size
-        self.in_chans = in_chans if in_chans is not None else (1 if self.source == "fashion_mnist" else 3)
+        self.in_chans = in_chans if in_chans is not None else (3 if self.source == "folder" else 1)
         if self.in_chans not in (1, 3):
             raise UserError(f"--data.in_chans must be 1 (grayscale) or 3 (RGB), got {self.in_chans}.")
         self.batch_size = batch_size
         self.num_workers = num_workers if num_workers is not None else default_num_workers(self.source)
-        self.decode_size = decode_size or round(img_size / 0.875)
+        # scenes are made at the model's size (the canvas the segmentation module uses); files are decoded larger
+        self.decode_size = decode_size or (img_size if self.source == "fmnist_scenes" else round(img_size / 0.875))
         self.val_fraction, self.verify_images, self.seed = val_fraction, verify_images, seed
         self.mean, self.std = channel_stats(self.source, self.in_chans)
         self.eval_transform = EvalTransform(img_size, self.mean, self.std)
@@ -142,7 +144,7 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size = batch_size or self.batch_size
         rank, world, _ = self._world()
         sampler = GlobalBatchSampler(dataset, batch_size, world, rank, self.seed + seed_salt, num_samples) if train else None
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(  # training: its place in the epoch goes into checkpoints
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -159,7 +161,8 @@ class PretrainDataModule(ImageDataModule):
 
     Args:
         root: image folder, or a folder with the Fashion-MNIST IDX files; unset = built-in data.
-        dataset: ``auto``, ``fashion_mnist`` or ``folder``.
+        dataset: ``auto``, ``fashion_mnist``, ``folder`` or ``fmnist_scenes`` (the built-in segmentation
+            scenes, unlabeled: pretraining on the images a semi-supervised segmentation run uses).
         img_size: side of the training crops (the model input).
         in_chans: image channels; default 1 for Fashion-MNIST, 3 for image folders.
         batch_size: images per device and step.
@@ -182,7 +185,7 @@ class PretrainDataModule(ImageDataModule):
     def __init__(
         self,
         root: str | None = None,
-        dataset: Literal["auto", "fashion_mnist", "folder"] = "auto",
+        dataset: Literal["auto", "fashion_mnist", "fmnist_scenes", "folder"] = "auto",
         img_size: int = 32,
         in_chans: int | None = None,
         batch_size: int = 256,
@@ -218,11 +221,12 @@ class PretrainDataModule(ImageDataModule):
             self.knn_train_set = self._subset(splits.train, self.knn_train_size, 1)
             self.knn_test_set = self._subset(splits.val, self.knn_test_size, 2)
         else:
-            log.info("%s has no labeled validation images: the k-NN monitor is off (it needs labels).", self.root)
+            log.info("%s has no labeled validation images: the k-NN monitor is off (it needs labels).", self.describe())
         log.info("data: %s, %d training images, %d channels, %d px", self.describe(), len(self.train_set), self.in_chans, self.img_size)
 
     def describe(self) -> str:
-        return "Fashion-MNIST" if self.source == "fashion_mnist" else f"image folder {self.root}"
+        names = {"fashion_mnist": "Fashion-MNIST", "fmnist_scenes": "Fashion-MNIST scenes"}
+        return names.get(self.source, f"image folder {self.root}")
 
     def _subset(self, dataset: Dataset, size: int, salt: int) -> Dataset:
         if size <= 0 or size >= len(dataset):

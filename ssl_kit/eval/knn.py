@@ -92,12 +92,24 @@ def feature_batch_size(device: torch.device) -> int:
     return FEATURE_BATCH_CPU if device.type == "cpu" else FEATURE_BATCH_ACCELERATOR
 
 
+def knn_unscorable(dm: pl.LightningDataModule | None) -> str | None:
+    """Why the k-NN monitor cannot score a data module's data (a phrase for the log), or None when it can:
+    it needs a labeled held-out split (``knn_dataloaders()``) of at least 2 classes."""
+    if dm is None or not hasattr(dm, "knn_dataloaders") or not getattr(dm, "has_labels", False):
+        return "the data have no labeled held-out images"
+    classes = list(getattr(dm, "classes", []))
+    if len(classes) < 2:
+        return f"the data have one class ({', '.join(classes)}), so every k-NN vote is right and top-1 says nothing"
+    return None
+
+
 class KNNMonitor(pl.Callback):
     """Log weighted k-NN top-1 of the method's exported encoder at the end of training epochs.
 
     Uses the data module's labeled memory / test split (``knn_dataloaders()``) and the
     method's ``embed`` ([CLS] after the final norm). Under DDP every rank extracts the same
-    features; only the metric is logged (rank-zero identical values).
+    features; only the metric is logged (rank-zero identical values). Data it cannot score
+    (:func:`knn_unscorable`) get one log line at the start and no ``knn_top1``.
 
     Args:
         k: neighbours.
@@ -107,8 +119,16 @@ class KNNMonitor(pl.Callback):
 
     def __init__(self, k: int = 20, temperature: float = 0.07, every_n_epochs: int = 1) -> None:
         self.k, self.temperature, self.every_n_epochs = k, temperature, every_n_epochs
+        self.unscorable: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.unscorable = knn_unscorable(trainer.datamodule)
+        if self.unscorable and trainer.is_global_zero:
+            log.info("k-NN monitor: cannot score: %s; knn_top1 is not logged.", self.unscorable)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.unscorable:
+            return
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
         if (epoch + 1) % self.every_n_epochs and not last:
