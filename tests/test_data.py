@@ -341,3 +341,20 @@ def test_datamodule_state_dict_round_trip(tmp_path):
     assert fresh.train_batches_seen == 17
     fresh.load_state_dict({})  # checkpoints from before the counter existed
     assert fresh.train_batches_seen == 0
+
+
+@needs_fmnist
+def test_scene_source_pretrains_on_the_segmentation_modules_train_scenes():
+    """``--data.dataset fmnist_scenes``: unlabeled, no k-NN monitor, exactly the scenes SegmentationDataModule
+    of the same seed and size trains on (so pretraining sees no validation scene)."""
+    from ssl_kit.data import SegmentationDataModule
+
+    dm = PretrainDataModule(dataset="fmnist_scenes", img_size=64, batch_size=4, seed=3)
+    dm.setup()
+    assert dm.in_chans == 1 and dm.decode_size == 64 and not dm.has_labels and len(dm.train_set) == 2000
+    seg = SegmentationDataModule(img_size=64, seed=3, labeled_images=10)
+    seg.setup()
+    for i in (0, 1999):
+        image, label = dm.train_set[i]
+        assert label == -1 and torch.equal(image, seg.full_train[i][0])
+    assert dm.mean == seg.mean and dm.std == seg.std

@@ -16,7 +16,8 @@ from ssl_kit.errors import UserError
 log = logging.getLogger("ssl_kit")
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SOURCES = ("auto", "fashion_mnist", "folder")
+SOURCES = ("auto", "fashion_mnist", "fmnist_scenes", "folder")
+SCENE_PRETRAIN_COUNT = 2000  # the segmentation / detection data modules' default train scenes
 
 
 @dataclass
@@ -52,7 +53,7 @@ def resolve_source(root: str | None, dataset: str) -> str:
 
 def channel_stats(source: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation mean and std per channel for a source."""
-    if source == "fashion_mnist":
+    if source in ("fashion_mnist", "fmnist_scenes"):
         return fashion_mnist.MEAN * in_chans, fashion_mnist.STD * in_chans
     return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.25,))
 
@@ -67,7 +68,17 @@ def load_splits(
     * Folder with ``train/`` and ``val/``: those.
     * Folder of class sub-folders: a seeded ``val_fraction`` of the images is held out as val.
     * Flat folder: every image is unlabeled training data, no val.
+    * ``fmnist_scenes``: the built-in segmentation scenes (``decode_size`` px canvas, 2000 from the
+      Fashion-MNIST train split, scene seed ``seed``), unlabeled, no val: the images a semi-supervised
+      segmentation run of the same seed and size trains on, for pretraining on them.
     """
+    if source == "fmnist_scenes":
+        from ssl_kit.data.fmnist_scenes import make_scenes  # noqa: PLC0415 (scenes need only this branch)
+
+        images, labels = fashion_mnist.load_fashion_mnist("train", root)
+        scenes, _ = make_scenes(images, labels, SCENE_PRETRAIN_COUNT, canvas=decode_size, seed=seed)
+        scenes = scenes.expand(-1, 3, -1, -1) if in_chans == 3 else scenes
+        return Splits(TensorDataset(scenes, torch.full((len(scenes),), -1)), None)
     if source == "fashion_mnist":
         images, labels = fashion_mnist.load_fashion_mnist("train", root)
         test_images, test_labels = fashion_mnist.load_fashion_mnist("test", root)
