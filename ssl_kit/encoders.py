@@ -63,6 +63,9 @@ def resolve_encoder_spec(
         drop_path_rate: stochastic depth rate.
         **overrides: further VisionTransformer kwargs (``depth``, ``embed_dim``, ...).
     """
+    if patch_size < 1 or img_size < 1:
+        raise EncoderConfigError(f"img_size and patch_size must be positive integers, got {img_size} and {patch_size} "
+                                 "(e.g. --data.img_size 32 --model.patch_size 4).")
     if img_size % patch_size != 0:
         raise EncoderConfigError(
             f"img_size {img_size} is not divisible by patch_size {patch_size}: choose an image "

@@ -141,3 +141,38 @@ def test_truncated_checkpoint_is_one_line_and_last_falls_back(capsys, tmp_path, 
     last.write_bytes(b"")
     code, err = run_cli(capsys, *resume)
     assert code == 2 and "none of the checkpoints of" in error_line(err)
+
+
+BAD_INPUTS = [  # (arguments, a fragment of the one error line)
+    (["--recipe", "mae", "--model.mask_ratio", "-0.1"], "--model.mask_ratio must be in [0, 1)"),
+    (["--recipe", "mae", "--data.batch_size", "0"], "--data.batch_size must be a positive integer"),
+    (["--recipe", "mae", "--data.img_size", "0"], "--data.img_size must be a positive integer"),
+    (["--recipe", "mae", "--model.patch_size", "0"], "patch_size must be positive integers"),
+    (["--recipe", "mae", "--data.crop_scale", "[0.9, 0.1]"], "--data.crop_scale must be [min, max]"),
+    (["--recipe", "mae", "--data.knn_train_size", "-5"], "--data.knn_train_size and --data.knn_test_size must be >= 0"),
+    (["--recipe", "mae", "--model.base_lr", "-1"], "--model.base_lr must be > 0"),
+    (["--recipe", "mae", "--model.warmup_epochs", "-1"], "--model.warmup_epochs must be >= 0"),
+    (["--recipe", "mae", "--model.weight_decay", "-1"], "--model.weight_decay must be >= 0"),
+    (["--recipe", "mae", "--data.root", "/etc/hostname"], "is a file"),
+    (["--recipe", "mae", "--init_weights", "/nonexistent.ckpt"], "no such checkpoint"),
+    (["--recipe", "uda", "--model.confidence_threshold", "2"], "--model.confidence_threshold is a probability"),
+    (["--recipe", "uda", "--data.labels_per_class", "0"], "No unlabeled images"),
+    (["--recipe", "u2pl", "--model.alpha0", "150"], "--model.alpha0 is a percentage"),
+    (["--recipe", "u2pl", "--data.labeled_images", "5000"], "--data.labeled_images 5000 must be between 1"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", BAD_INPUTS, ids=[" ".join(a[1:]) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_before_training_and_keeps_earlier_outputs(capsys, tmp_path, args, fragment):
+    """Issue #26's table: exit code 2, one 'ssl-pretrain: error:' line naming the flag, no traceback, no
+    checkpoint written, and a file already in the run folder untouched."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    earlier = run / "checkpoints" / "earlier.ckpt"
+    earlier.write_bytes(b"an earlier run's checkpoint")
+    code, err = run_cli(capsys, *args, "--run_dir", str(run), "--knn_every_n_epochs", "0",
+                        "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "1")
+    assert code == 2, err
+    assert fragment in error_line(err)
+    assert earlier.read_bytes() == b"an earlier run's checkpoint"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["earlier.ckpt"]

@@ -89,6 +89,9 @@ class ImageDataModule(pl.LightningDataModule):
         super().__init__()
         self.root = root
         self.source = resolve_source(root, dataset)
+        if img_size < 1 or batch_size < 1:
+            flag, value = ("img_size", img_size) if img_size < 1 else ("batch_size", batch_size)
+            raise UserError(f"--data.{flag} must be a positive integer, got {value}.")
         self.img_size = img_size
         self.in_chans = in_chans if in_chans is not None else (3 if self.source == "folder" else 1)
         if self.in_chans not in (1, 3):
@@ -203,6 +206,12 @@ class PretrainDataModule(ImageDataModule):
     ) -> None:
         super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, decode_size, val_fraction, verify_images, seed,
                          draw_group_size)
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise UserError(f"--data.crop_scale must be [min, max] area fractions with 0 < min <= max <= 1 "
+                            f"(e.g. [0.2, 1.0]), got {list(crop_scale)}.")
+        if knn_train_size < 0 or knn_test_size < 0:
+            raise UserError(f"--data.knn_train_size and --data.knn_test_size must be >= 0 (0 = all), got "
+                            f"{knn_train_size} and {knn_test_size}.")
         self.knn_train_size = knn_train_size
         self.knn_test_size = knn_test_size
         self.train_augment = TrainAugment(img_size, self.mean, self.std, crop_scale, hflip, color_jitter)

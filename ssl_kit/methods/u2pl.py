@@ -105,6 +105,8 @@ class U2PL(StudentTeacherMethod):
         super().__init__()
         if unsup_normalisation not in ("paper", "authors"):
             raise UserError(f"--model.unsup_normalisation must be paper or authors, got {unsup_normalisation!r}.")
+        if not 0.0 <= alpha0 <= 100.0:
+            raise UserError(f"--model.alpha0 is a percentage of unlabeled pixels in [0, 100] (the paper: 20), got {alpha0}.")
         if num_classes < 2:
             raise UserError(f"--model.num_classes must be >= 2 (background included), got {num_classes}.")
         self.save_hyperparameters()

@@ -71,6 +71,8 @@ class UDA(SemiSupervisedClassifier):
         tsa_threshold(tsa, 0.0, num_classes)  # validates the schedule name
         if not 0.0 < layer_decay <= 1.0:
             raise UserError(f"--model.layer_decay must lie in (0, 1] (1 = off), got {layer_decay}.")
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise UserError(f"--model.confidence_threshold is a probability in [0, 1] (the paper: 0.8), got {confidence_threshold}.")
         self.save_hyperparameters()
         self.encoder, self.encoder_spec = build_classifier(
             encoder, img_size, patch_size, in_chans, encoder_kwargs, num_classes, init_from, drop_path_rate, global_pool)
