@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ssl_kit.callbacks import (CheckpointOnSignal, DetectionPictures, EncoderExport, PseudoLabelPictures,
                                ReconstructionPictures, SegmentationPictures)
@@ -217,11 +217,14 @@ def load_initial_weights(model: pl.LightningModule, path: Path) -> None:
 
 
 def find_user_error(err: BaseException) -> UserError | None:
-    """The UserError behind ``err``: jsonargparse re-raises errors from ``__init__`` as a ValueError."""
+    """The UserError behind ``err``: jsonargparse re-raises errors from ``__init__`` as a ValueError. Lightning's
+    own configuration errors (``--trainer.devices 0``, an accelerator this machine lacks) count as one too."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
             return err
+        if isinstance(err, MisconfigurationException):
+            return UserError(f"trainer settings: {err}")
         seen.add(id(err))
         err = err.__cause__
     return None

@@ -158,6 +158,7 @@ BAD_INPUTS = [  # (arguments, a fragment of the one error line)
     (["--recipe", "uda", "--model.confidence_threshold", "2"], "--model.confidence_threshold is a probability"),
     (["--recipe", "uda", "--data.labels_per_class", "0"], "No unlabeled images"),
     (["--recipe", "u2pl", "--model.alpha0", "150"], "--model.alpha0 is a percentage"),
+    (["--recipe", "mae", "--trainer.devices", "0"], "trainer settings: `Trainer(devices='0')`"),
     (["--recipe", "u2pl", "--data.labeled_images", "5000"], "--data.labeled_images 5000 must be between 1"),
 ]
 
