@@ -43,6 +43,7 @@ from ssl_kit.data.box_geometry import (
 )
 from ssl_kit.data.coco import CocoDetectionDataset, read_coco
 from ssl_kit.data.detection_scenes import DETECTION_CLASSES, DetectionSceneDataset, make_detection_scenes
+from ssl_kit.data.fmnist_scenes import TRAIN_SCENES
 from ssl_kit.data.fashion_mnist import load_fashion_mnist
 from ssl_kit.data.labeled_unlabeled import ImagesOnly, LabeledUnlabeledDataModule
 from ssl_kit.errors import UserError
@@ -168,7 +169,7 @@ class DetectionDataModule(LabeledUnlabeledDataModule):
         batch_size: int = 2,
         unlabeled_ratio: int = 4,
         labeled_fraction: float = 0.1,
-        train_scenes: int = 2000,
+        train_scenes: int = TRAIN_SCENES,
         val_scenes: int = 300,
         objects: tuple[int, int] = (2, 6),
         object_size: tuple[int, int] = (20, 56),

@@ -18,6 +18,7 @@ from ssl_kit.data.fashion_mnist import CLASSES
 
 SCENE_CLASSES: tuple[str, ...] = ("background",) + CLASSES
 OBJECT_THRESHOLD = 25
+TRAIN_SCENES = 2000  # built-in train scenes of the segmentation / detection modules and of scene pretraining
 
 
 def textured_background(num: int, canvas: int, generator: torch.Generator) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_kit.data.fashion_mnist import load_fashion_mnist
-from ssl_kit.data.fmnist_scenes import SCENE_CLASSES, SceneDataset, make_scenes
+from ssl_kit.data.fmnist_scenes import SCENE_CLASSES, TRAIN_SCENES, SceneDataset, make_scenes
 from ssl_kit.data.image_folder import ImageFolderDataset, scan_image_folder
 from ssl_kit.data.mask_folder import MaskFolderDataset, scan_mask_folder
 from ssl_kit.data.labeled_unlabeled import ImagesOnly, LabeledUnlabeledDataModule
@@ -115,7 +115,7 @@ class SegmentationDataModule(LabeledUnlabeledDataModule):
         batch_size: int = 8,
         unlabeled_ratio: int = 1,
         labeled_images: int | None = 125,
-        train_scenes: int = 2000,
+        train_scenes: int = TRAIN_SCENES,
         val_scenes: int = 500,
         objects: tuple[int, int] = (2, 4),
         object_size: tuple[int, int] = (16, 40),

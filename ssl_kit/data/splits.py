@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from ssl_kit.data import fashion_mnist
+from ssl_kit.data.fmnist_scenes import TRAIN_SCENES, make_scenes
 from ssl_kit.data.image_folder import ImageFolderDataset, ImageList, scan_image_folder
 from ssl_kit.errors import UserError
 
@@ -17,7 +18,6 @@ log = logging.getLogger("ssl_kit")
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SOURCES = ("auto", "fashion_mnist", "fmnist_scenes", "folder")
-SCENE_PRETRAIN_COUNT = 2000  # the segmentation / detection data modules' default train scenes
 
 
 @dataclass
@@ -73,10 +73,8 @@ def load_splits(
       segmentation run of the same seed and size trains on, for pretraining on them.
     """
     if source == "fmnist_scenes":
-        from ssl_kit.data.fmnist_scenes import make_scenes  # noqa: PLC0415 (scenes need only this branch)
-
         images, labels = fashion_mnist.load_fashion_mnist("train", root)
-        scenes, _ = make_scenes(images, labels, SCENE_PRETRAIN_COUNT, canvas=decode_size, seed=seed)
+        scenes, _ = make_scenes(images, labels, TRAIN_SCENES, canvas=decode_size, seed=seed)
         scenes = scenes.expand(-1, 3, -1, -1) if in_chans == 3 else scenes
         return Splits(TensorDataset(scenes, torch.full((len(scenes),), -1)), None)
     if source == "fashion_mnist":
