@@ -7,14 +7,18 @@ on the command line and ``--print_config`` shows the resolved configuration. The
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -80,7 +84,15 @@ def pop_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
     return value, out
 
 
+def drop_advertisements(record: logging.LogRecord) -> bool:
+    """Lightning >= 2.6 logs a tip to install its cloud logger at every Trainer start: noise before each run."""
+    return not str(record.msg).startswith("💡 Tip:")
+
+
 def setup_logging() -> None:
+    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if drop_advertisements not in lightning.filters:
+        lightning.addFilter(drop_advertisements)
     logger = logging.getLogger("ssl_kit")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -119,8 +131,21 @@ class PretrainCLI(LightningCLI):
             return Path(ckpt).parent.parent  # resume continues the same run folder
         return Path("runs") / self.recipe_name / time.strftime("%Y%m%d-%H%M%S")
 
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; an error that is not already a UserError (a setting no check anticipated,
+        raised from deep inside timm or torch) becomes one line naming what failed, instead of jsonargparse's
+        ten-line "Does not validate against any of the Union subtypes"."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            if find_user_error(err) is not None:
+                raise
+            raise UserError(f"these settings could not be built: {condense_parse_error(str(err))}") from err
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        check_trainer_settings(self.config["trainer"])
         run_dir = self.run_dir()
+        require_writable_folder(run_dir)
         self.run_path = run_dir
         dm = self.datamodule
         dm.setup("fit")  # fail on bad data now, before anything is written
@@ -177,7 +202,70 @@ class PretrainCLI(LightningCLI):
             keep_earlier_metrics(run_dir)
             logger = CSVLogger(save_dir=str(run_dir), name="", version="")
         kwargs.update(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.world_size > 1:  # too few images for one global batch: say so once, before processes start
+            dm.trainer = trainer
+            try:
+                dm.train_dataloader()
+            finally:
+                dm.trainer = None
+        return trainer
+
+
+def check_trainer_settings(trainer: Mapping[str, Any]) -> None:
+    """The Trainer settings Lightning accepts but our schedules cannot use (it would divide by zero, or train on
+    without end), each as one UserError."""
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if accumulate is not None and accumulate < 1:
+        raise UserError(f"--trainer.accumulate_grad_batches must be >= 1 (1 = an optimizer step per batch), "
+                        f"got {accumulate}.")
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if epochs is not None and epochs < -1:
+        raise UserError(f"--trainer.max_epochs must be >= 1 (or -1 with --trainer.max_steps), got {epochs}.")
+    if epochs == -1 and (steps is None or steps < 0):
+        raise UserError("--trainer.max_epochs -1 trains without end and the learning-rate schedule needs one: pass "
+                        "--trainer.max_steps N too, or a number of epochs.")
+
+
+def require_writable_folder(run_dir: Path) -> None:
+    """One clear error, before anything is written, when ``run_dir`` cannot be made or written (a file in the way,
+    no permission, a read-only file system); nothing is left behind by the check."""
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--run_dir {run_dir}: {existing} is a file, not a folder. Pass another --run_dir.")
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".ssl_kit-write-test-").cleanup()
+    except OSError as err:
+        raise UserError(f"--run_dir {run_dir} cannot be written ({err.strerror} in {existing}): pass a folder you "
+                        "can write to.") from err
+
+
+def require_matching_checkpoint(model: pl.LightningModule, path: Path) -> None:
+    """One clear error, before training, when the checkpoint to resume was not written by this method with this
+    architecture (Lightning would stop with a KeyError or a 40-line size-mismatch traceback)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        raise UserError(f"--ckpt_path {path} is not a training checkpoint (no Lightning training state): resume from "
+                        "RUN/checkpoints/last.ckpt, or start from an encoder with the method's --model.init_from.")
+    saved_class = str(ckpt.get("hyper_parameters", {}).get("_class_path", "")).rsplit(".", 1)[-1]
+    this_class = type(model).__name__
+    if saved_class and saved_class != this_class:
+        raise UserError(f"--ckpt_path {path} is a {saved_class} checkpoint but this run trains {this_class}: pass the "
+                        f"recipe that wrote it, or a checkpoint of {this_class}.")
+    saved, here = ckpt["state_dict"], model.state_dict()
+    missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise UserError(f"--ckpt_path {path} does not fit this {this_class}: {len(missing)} weights missing, "
+                        f"{len(unexpected)} unexpected (e.g. {example}). Resume with the settings the run was "
+                        "started with (RUN/config.yaml).")
+    for name, tensor in here.items():
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            raise UserError(f"--ckpt_path {path} does not fit this {this_class}: {name} is {list(saved[name].shape)} in "
+                            f"the checkpoint and {list(tensor.shape)} here. Resume with the settings the run was "
+                            "started with (RUN/config.yaml).")
 
 
 @rank_zero_only
@@ -214,6 +302,26 @@ def load_initial_weights(model: pl.LightningModule, path: Path) -> None:
             f"{str(err).splitlines()[0]}"
         ) from err
     logging.getLogger("ssl_kit").info("initial weights from %s", path)
+
+
+def condense_parse_error(message: str) -> str:
+    """jsonargparse's multi-line error (``Parser key "model": Does not validate ... Errors: - Problem with given
+    class_path ...: Parser key "mask_ratio": Expected a <class 'float'>. Got value: abc``) as one line naming the flag:
+    ``--model.mask_ratio: expected a float, got abc``."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    flag = "--" + ".".join(keys) if keys else ""
+    cls = re.search(r"class_path '[\w.]*?(\w+)'", message)
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    if option:
+        owner = f" of {cls.group(1)}" if cls else ""
+        return (f"{flag}.{option.group(1)} is not an option{owner}: add --print_config to the command to see the "
+                "accepted ones.")
+    structural = ("Does not validate", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value",
+                  "Parser key", "- Problem with given class_path")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.startswith(structural)), lines[0] if lines else message)
+    detail = re.sub(r"<class '([\w.]+)'>", r"\1", detail.lstrip("- "))
+    return f"{flag}: {detail}" if flag else detail
 
 
 def find_user_error(err: BaseException) -> UserError | None:
@@ -290,6 +398,9 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
         # LightningCLI warns whenever args= is given while sys.argv has arguments; ours are sys.argv's own,
         # rewritten (--recipe -> --config), so the warning is noise before every run
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        # Lightning 2.6 on torch >= 2.10: internal deprecation and a size estimate it cannot make; neither is actionable
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
         cli = PretrainCLI(
             SSLMethod,
             pl.LightningDataModule,
@@ -300,7 +411,7 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
             run=False,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "ssl-pretrain", "default_env": False},
+            parser_kwargs={"prog": "ssl-pretrain", "default_env": False, "exit_on_error": False},
         )
         if cli.config.get("init_weights"):
             load_initial_weights(cli.model, Path(cli.config["init_weights"]))
@@ -309,9 +420,14 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
             ckpt_path = newest_checkpoint(cli.run_path)
             if ckpt_path is None and rank_zero_only.rank == 0:
                 log.info("--ckpt_path last: no checkpoint in %s yet, starting fresh", cli.run_path)
-        if ckpt_path and rank_zero_only.rank == 0:
-            log.info("resuming from %s", ckpt_path)
+        if ckpt_path:
+            require_matching_checkpoint(cli.model, Path(ckpt_path))
+            if rank_zero_only.rank == 0:
+                log.info("resuming from %s", ckpt_path)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except argparse.ArgumentError as err:  # an unknown option or a value of the wrong type (exit_on_error=False)
+        print(f"ssl-pretrain: error: {condense_parse_error(err.message)}", file=sys.stderr)
+        return 2
     except SIGTERMException:  # Lightning stopped at a step boundary; CheckpointOnSignal saved the state there
         return stopped_by_signal(cli, argv_given)
     except Exception as err:  # a UserError, possibly wrapped by jsonargparse while instantiating classes

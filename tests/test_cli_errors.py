@@ -155,18 +155,107 @@ BAD_INPUTS = [  # (arguments, a fragment of the one error line)
     (["--recipe", "mae", "--model.weight_decay", "-1"], "--model.weight_decay must be >= 0"),
     (["--recipe", "mae", "--data.root", "/etc/hostname"], "is a file"),
     (["--recipe", "mae", "--init_weights", "/nonexistent.ckpt"], "no such checkpoint"),
-    (["--recipe", "uda", "--model.confidence_threshold", "2"], "--model.confidence_threshold is a probability"),
+    (["--recipe", "uda", "--model.confidence_threshold", "2"], "--model.confidence_threshold must be in [0, 1] (a probability"),
     (["--recipe", "uda", "--data.labels_per_class", "0"], "No unlabeled images"),
-    (["--recipe", "u2pl", "--model.alpha0", "150"], "--model.alpha0 is a percentage"),
+    (["--recipe", "u2pl", "--model.alpha0", "150"], "--model.alpha0 must be in [0, 100] (a percentage"),
     (["--recipe", "mae", "--trainer.devices", "0"], "trainer settings: `Trainer(devices='0')`"),
     (["--recipe", "u2pl", "--data.labeled_images", "5000"], "--data.labeled_images 5000 must be between 1"),
 ]
 
 
+BAD_INPUTS += [  # {inputs}: files the `inputs` fixture writes (checkpoints, mask folders, COCO files, a 20-image folder)
+    # each method's ranges and combinations
+    (["--recipe", "lomar", "--model.window_size", "100"], "--model.window_size 100 does not fit the 8x8 patch grid"),
+    (["--recipe", "lomar", "--model.mask_ratio", "1.2"], "--model.mask_ratio 1.2 masks 58 of the 49 patches"),
+    (["--recipe", "ibot", "--model.mask_ratio", "[0.6, 0.2]"], "--model.mask_ratio must be [min, max] fractions"),
+    (["--recipe", "ibot", "--model.teacher_temp", "0"], "--model.teacher_temp must be > 0, got 0.0"),
+    (["--recipe", "ibot", "--model.out_dim", "0"], "--model.out_dim must be >= 1, got 0"),
+    (["--recipe", "mpl", "--model.threshold", "2"], "--model.threshold must be in [0, 1]"),
+    (["--recipe", "mpl", "--model.num_classes", "1"], "--model.num_classes must be >= 2"),
+    (["--recipe", "uda", "--model.betas", "[0.9, 1.5]"], "--model.betas: every value must be in [0, 1)"),
+    (["--recipe", "u2pl", "--model.low_rank", "30"], "--model.low_rank 30 must be >= 1 and below both"),
+    (["--recipe", "soft_teacher", "--model.cls_threshold", "2"], "--model.cls_threshold must be in [0, 1]"),
+    (["--recipe", "soft_teacher", "--model.ema_decay", "1.5"], "--model.ema_decay must be in [0, 1]"),
+    # options the parser rejects
+    (["--recipe", "mae", "--model.nonexistent", "3"], "--model.nonexistent is not an option of MAE"),
+    (["--recipe", "mae", "--model.mask_ratio", "abc"], "--model.mask_ratio: Expected a float. Got value: abc"),
+    # trainer and launch
+    (["--recipe", "mae", "--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be >= 1"),
+    (["--recipe", "mae", "--trainer.accelerator", "tpu"], "these settings could not be built: Requirement 'torch_xla"),
+    (["--recipe", "mae", "--trainer.strategy", "warp_drive"], "invalid strategy name: `strategy='warp_drive'`"),
+    (["--recipe", "mae", "--data.root", "{inputs}/twenty", "--data.img_size", "16", "--data.batch_size", "16",
+      "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"],
+     "fewer than one global batch of 16 x 2 processes"),
+    # checkpoints: foreign, another method, another architecture
+    (["--recipe", "mae", "--ckpt_path", "{inputs}/weights_only.pt"], "is not a training checkpoint"),
+    (["--recipe", "lomar", "--ckpt_path", "{inputs}/mae_tiny.ckpt"], "is a MAE checkpoint but this run trains LoMaR"),
+    (["--recipe", "mae", "--ckpt_path", "{inputs}/mae_tiny.ckpt", "--model.encoder_kwargs",
+      "{depth: 1, embed_dim: 32, num_heads: 2}", "--model.decoder_dim", "32", "--model.decoder_depth", "1",
+      "--model.decoder_heads", "2"], "encoder.cls_token is [1, 1, 64] in the checkpoint and [1, 1, 32] here"),
+    # data: masks, COCO JSON
+    (["--recipe", "u2pl", "--data.root", "{inputs}/seg_bad_value", "--data.num_classes", "3", "--model.num_classes", "3",
+      "--model.low_rank", "1"], "has value(s) [5] >= --data.num_classes 3"),
+    (["--recipe", "u2pl", "--data.root", "{inputs}/seg_missing_mask", "--data.num_classes", "3",
+      "--model.num_classes", "3", "--model.low_rank", "1"], "im2.png has no mask"),
+    (["--recipe", "soft_teacher", "--data.root", "{inputs}/coco", "--data.train_annotations", "{inputs}/coco/bad.json",
+      "--data.val_annotations", "{inputs}/coco/bad.json"], "bad.json is not valid JSON (line 1, column 13"),
+    (["--recipe", "soft_teacher", "--data.root", "{inputs}/coco", "--data.train_annotations",
+      "{inputs}/coco/outside.json", "--data.val_annotations", "{inputs}/coco/outside.json"], "lies outside its"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The files the bad-input table points at."""
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ssl_kit.methods import MAE
+    from test_data import save
+
+    root = tmp_path_factory.mktemp("inputs")
+    for i in range(20):
+        save(root / "twenty" / ("a" if i % 2 else "b") / f"{i}.png", size=(16, 16), seed=i)
+    tiny = MAE(encoder_kwargs=dict(depth=1, embed_dim=64, num_heads=2), decoder_dim=32, decoder_depth=1,
+               decoder_heads=2)
+    torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": tiny.state_dict(),
+                "hyper_parameters": dict(tiny.hparams, _class_path="ssl_kit.methods.MAE")}, root / "mae_tiny.ckpt")
+    torch.save(tiny.encoder.state_dict(), root / "weights_only.pt")
+    rng = np.random.default_rng(0)
+    for name in ("seg_bad_value", "seg_missing_mask"):
+        for split, count in (("train", 4), ("val", 2)):
+            for i in range(count):
+                (root / name / split / "images").mkdir(parents=True, exist_ok=True)
+                (root / name / split / "masks").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+                    root / name / split / "images" / f"im{i}.png")
+                Image.fromarray(rng.integers(0, 3, (64, 64), dtype=np.uint8)).save(
+                    root / name / split / "masks" / f"im{i}.png")
+    Image.fromarray(np.full((64, 64), 5, np.uint8)).save(root / "seg_bad_value" / "train" / "masks" / "im1.png")
+    (root / "seg_missing_mask" / "train" / "masks" / "im2.png").unlink()
+    coco = root / "coco"
+    coco.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(coco / "a.png")
+    (coco / "bad.json").write_text('{"images": [}')
+    (coco / "outside.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 40}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [30, 30, 50, 50]}],
+        "categories": [{"id": 1, "name": "box"}]}))
+    return root
+
+
+def test_the_bad_input_table_has_30_cases_across_data_config_checkpoints_and_launch():
+    assert len(BAD_INPUTS) >= 30
+
+
 @pytest.mark.parametrize("args, fragment", BAD_INPUTS, ids=[" ".join(a[1:]) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_before_training_and_keeps_earlier_outputs(capsys, tmp_path, args, fragment):
+def test_bad_input_is_one_line_before_training_and_keeps_earlier_outputs(capsys, tmp_path, inputs, args, fragment):
     """Issue #26's table: exit code 2, one 'ssl-pretrain: error:' line naming the flag, no traceback, no
     checkpoint written, and a file already in the run folder untouched."""
+    args = [a.replace("{inputs}", str(inputs)) for a in args]
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     earlier = run / "checkpoints" / "earlier.ckpt"
@@ -177,3 +266,16 @@ def test_bad_input_is_one_line_before_training_and_keeps_earlier_outputs(capsys,
     assert fragment in error_line(err)
     assert earlier.read_bytes() == b"an earlier run's checkpoint"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["earlier.ckpt"]
+
+
+def test_every_range_rule_names_a_setting_of_some_method():
+    """A misspelt name in ssl_kit.validation.RULES would check nothing: each one is a parameter of a method."""
+    import inspect
+
+    import ssl_kit.methods as methods
+    from ssl_kit.methods.base import SSLMethod
+    from ssl_kit.validation import RULES
+
+    classes = [c for c in vars(methods).values() if isinstance(c, type) and issubclass(c, SSLMethod)]
+    parameters = {name for c in classes for name in inspect.signature(c.__init__).parameters}
+    assert sorted(set(RULES) - parameters) == []

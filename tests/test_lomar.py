@@ -7,6 +7,7 @@ import timm
 import torch
 
 from ssl_kit.encoders import Windows, random_subset_mask, sample_windows
+from ssl_kit.errors import UserError
 from ssl_kit.export import export_encoder
 from ssl_kit.losses.reconstruction import masked_mse_loss
 from ssl_kit.methods import LoMaR
@@ -171,10 +172,13 @@ def test_permuting_window_tokens_changes_attention_only_through_rpe():
         assert (attn(x)[:, perm] - attn(x[:, perm])).abs().max() > 1e-2
 
 
-def test_window_larger_than_grid_is_clamped_with_a_warning(ssl_caplog):
-    model = tiny_lomar(img_size=16)  # 4 x 4 patch grid
+def test_window_larger_than_grid_is_one_clear_error():
+    """A 7x7 window on a 4x4 patch grid used to shrink silently to 4x4 with a warning: a different method from the
+    one the recipe names. It is now one error naming the largest window that fits."""
+    with pytest.raises(UserError, match=r"--model.window_size 7 does not fit the 4x4 patch grid .*window_size 4 or less"):
+        tiny_lomar(img_size=16)
+    model = tiny_lomar(img_size=16, window_size=4)
     assert model.window_size == 4 and model.num_masked == int(16 * 0.8)
-    assert "does not fit the 4x4 patch grid" in ssl_caplog.text and "--model.window_size 4" in ssl_caplog.text
     assert model(torch.randn(2, 1, 16, 16)).mask.shape == (8, 16)
 
 

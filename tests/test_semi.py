@@ -272,7 +272,7 @@ def test_uda_layer_decay_gives_each_block_its_own_lr_and_tsa_is_off_by_default()
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert wd[id(enc.blocks[0].attn.qkv.bias)] == 0 and wd[id(enc.blocks[0].attn.qkv.weight)] == 0.05
     assert all(g["lr_scale"] == 1.0 for g in classifier_param_groups(enc, 0.05, 1.0) if "lr_scale" in g)
-    with pytest.raises(UserError, match="layer_decay must lie in"):
+    with pytest.raises(UserError, match=r"layer_decay must be in \(0, 1\]"):
         tiny_uda(layer_decay=0.0)
 
 

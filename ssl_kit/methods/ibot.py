@@ -13,6 +13,7 @@ from ssl_kit.losses.distillation import IBOTLoss
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.optim import cosine_schedule
 from ssl_kit.teacher import make_teacher
+from ssl_kit.validation import check_settings, require
 
 
 def teacher_temperature(epoch: int, warmup_epochs: int, start: float, end: float) -> float:
@@ -89,8 +90,10 @@ class IBOT(SSLMethod):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if mask_mode not in ("block", "random"):
-            raise ValueError(f"mask_mode must be 'block' or 'random', got {mask_mode!r}")
+        check_settings(self.hparams)
+        low, high = mask_ratio
+        require(0.0 <= low <= high < 1.0, f"--model.mask_ratio must be [min, max] fractions of masked patches with "
+                f"0 <= min <= max < 1 (the paper: [0.1, 0.5]), got {list(mask_ratio)}.")
         spec = self.make_encoder_spec(encoder, img_size, patch_size, in_chans,
                                       dict(encoder_kwargs or {}, dynamic_img_size=True))
         self.encoder = build_encoder(EncoderSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=drop_path_rate)),

@@ -1,7 +1,6 @@
 """LoMaR: local masked reconstruction on random windows (Chen et al. 2022), METHODS.md section 2."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +21,8 @@ from ssl_kit.encoders import (
 from ssl_kit.losses.reconstruction import masked_mse_loss
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.rpe import DEFAULT_RATIO, irpe_spec
+from ssl_kit.validation import check_settings, require
 
-log = logging.getLogger("ssl_kit")
 
 
 @dataclass
@@ -93,6 +92,7 @@ class LoMaR(SSLMethod):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_settings(self.hparams)
         self.encoder_spec = irpe_spec(self.make_encoder_spec(encoder, img_size, patch_size, in_chans, encoder_kwargs),
                                       rpe_ratio)
         self.encoder = build_encoder(self.encoder_spec)
@@ -100,15 +100,15 @@ class LoMaR(SSLMethod):
         dim = self.encoder.embed_dim
         self.patch_size, self.in_chans = patch_size, in_chans
         self.grid: tuple[int, int] = tuple(self.encoder.patch_embed.grid_size)  # type: ignore[assignment]
-        self.window_size = self._fit_window(window_size)
-        if num_windows < 1:
-            raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+        smallest = min(self.grid)
+        require(window_size <= smallest,
+                f"--model.window_size {window_size} does not fit the {self.grid[0]}x{self.grid[1]} patch grid (img_size "
+                f"{img_size}, patch {patch_size}): pass --model.window_size {smallest} or less, or a larger image.")
+        self.window_size = window_size
         self.num_masked = int(self.window_size**2 * mask_ratio)
-        if not 1 <= self.num_masked < self.window_size**2:
-            raise ValueError(
-                f"mask_ratio {mask_ratio} masks {self.num_masked} of {self.window_size ** 2} window patches; "
-                "choose a ratio that masks at least one patch and keeps at least one visible."
-            )
+        require(1 <= self.num_masked < self.window_size**2,
+                f"--model.mask_ratio {mask_ratio} masks {self.num_masked} of the {self.window_size ** 2} patches of a "
+                "window: choose a ratio that masks at least one and keeps at least one (the paper: 0.8).")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.mask_token, std=0.02)
         self.pred = nn.Linear(dim, patch_size * patch_size * in_chans)
@@ -116,20 +116,6 @@ class LoMaR(SSLMethod):
         for m in self.encoder.modules():  # LoMaR's speed claim is about SDPA with the position bias
             if hasattr(m, "fused_attn"):
                 m.fused_attn = True
-
-    def _fit_window(self, size: int) -> int:
-        smallest = min(self.grid)
-        if size > smallest:
-            log.warning(
-                "LoMaR window of %dx%d patches does not fit the %dx%d patch grid (img_size %d, patch %d): "
-                "using %dx%d windows. Pass --model.window_size %d (or a larger image) to silence this.",
-                size, size, self.grid[0], self.grid[1], self.hparams.img_size, self.patch_size,
-                smallest, smallest, smallest,
-            )
-            return smallest
-        if size < 1:
-            raise ValueError(f"window_size must be >= 1, got {size}")
-        return size
 
     def window_patches(self, images: Tensor, windows: Windows) -> Tensor:
         """Pixels of every window patch: ``[B, C, H, W]`` -> ``[B*M, K*K, p*p*C]``."""

@@ -20,6 +20,7 @@ from ssl_kit.errors import UserError
 from ssl_kit.heads.mae_decoder import MAEDecoder
 from ssl_kit.losses.reconstruction import masked_mse_loss
 from ssl_kit.methods.base import SSLMethod
+from ssl_kit.validation import check_settings
 
 
 class MAE(SSLMethod):
@@ -66,6 +67,7 @@ class MAE(SSLMethod):
             raise UserError(f"--model.mask_ratio must be in [0, 1) (the fraction of patches dropped; the paper uses 0.75), "
                             f"got {mask_ratio}.")
         self.save_hyperparameters()
+        check_settings(self.hparams)
         spec = self.make_encoder_spec(encoder, img_size, patch_size, in_chans, encoder_kwargs)
         self.encoder = build_encoder(spec, sincos_pos_embed=True)
         init_vit_mae_style(self.encoder)

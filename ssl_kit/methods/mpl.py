@@ -30,6 +30,7 @@ from ssl_kit.losses.semi import centred_feedback, uda_consistency
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
 from ssl_kit.optim import effective_batch_size, scaled_lr, steps_per_epoch, warmup_cosine
 from ssl_kit.teacher import ema_update, inverse_momentum, make_teacher
+from ssl_kit.validation import check_settings
 
 
 @dataclass
@@ -182,9 +183,8 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise UserError(f"--model.optimizer must be sgd or adamw, got {optimizer!r}.")
-        if not 0.0 < layer_decay <= 1.0:
-            raise UserError(f"--model.layer_decay must lie in (0, 1] (1 = off), got {layer_decay}.")
         self.save_hyperparameters()
+        check_settings(self.hparams)
         self.automatic_optimization = False
         build = dict(encoder=encoder, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                      encoder_kwargs=encoder_kwargs, num_classes=num_classes, init_from=init_from,

@@ -20,6 +20,7 @@ from ssl_kit.losses.soft_teacher import box_uncertainty, confident, jitter_boxes
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import pretrained_or_random
 from ssl_kit.teacher import EMATeacher, make_teacher
+from ssl_kit.validation import check_settings
 
 log = logging.getLogger("ssl_kit")
 Features = OrderedDict[str, Tensor]
@@ -104,11 +105,8 @@ class SoftTeacher(StudentTeacherMethod):
         betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise UserError(f"--model.num_classes must be >= 2 (background included), got {num_classes}.")
-        if jitter_times < 2:
-            raise UserError(f"--model.jitter_times must be >= 2 to measure a spread, got {jitter_times}.")
         self.save_hyperparameters()
+        check_settings(self.hparams)
         source = pretrained_or_random(init_from, encoder, patch_size or 8, encoder_kwargs)
         resample = {"patch_size": patch_size} if init_from and patch_size else {}
         vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate,

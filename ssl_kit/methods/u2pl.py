@@ -21,6 +21,7 @@ from ssl_kit.losses.u2pl import (
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import pretrained_or_random
 from ssl_kit.teacher import EMATeacher, make_teacher
+from ssl_kit.validation import check_settings, require
 
 
 def downsample_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -105,11 +106,12 @@ class U2PL(StudentTeacherMethod):
         super().__init__()
         if unsup_normalisation not in ("paper", "authors"):
             raise UserError(f"--model.unsup_normalisation must be paper or authors, got {unsup_normalisation!r}.")
-        if not 0.0 <= alpha0 <= 100.0:
-            raise UserError(f"--model.alpha0 is a percentage of unlabeled pixels in [0, 100] (the paper: 20), got {alpha0}.")
-        if num_classes < 2:
-            raise UserError(f"--model.num_classes must be >= 2 (background included), got {num_classes}.")
         self.save_hyperparameters()
+        check_settings(self.hparams)
+        require(1 <= low_rank < min(high_rank, num_classes),
+                f"--model.low_rank {low_rank} must be >= 1 and below both --model.high_rank {high_rank} and "
+                f"--model.num_classes {num_classes} (the paper: 3 and 20 of 21 classes; high_rank is capped at the "
+                "classes).")
         source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
         vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate)
         head = ProgressiveUpsamplingHead(vit.embed_dim, num_classes, head_dim, rep_dim, num_upsample)

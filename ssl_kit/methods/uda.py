@@ -8,10 +8,10 @@ from torch import Tensor
 import torch
 
 from ssl_kit.losses.semi import entropy, tsa_cross_entropy, tsa_threshold, uda_consistency
-from ssl_kit.errors import UserError
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
 from ssl_kit.optim import adamw_warmup_cosine
 from ssl_kit.teacher import EMATeacher, make_teacher
+from ssl_kit.validation import check_settings
 
 
 class UDA(SemiSupervisedClassifier):
@@ -69,11 +69,8 @@ class UDA(SemiSupervisedClassifier):
     ) -> None:
         super().__init__()
         tsa_threshold(tsa, 0.0, num_classes)  # validates the schedule name
-        if not 0.0 < layer_decay <= 1.0:
-            raise UserError(f"--model.layer_decay must lie in (0, 1] (1 = off), got {layer_decay}.")
-        if not 0.0 <= confidence_threshold <= 1.0:
-            raise UserError(f"--model.confidence_threshold is a probability in [0, 1] (the paper: 0.8), got {confidence_threshold}.")
         self.save_hyperparameters()
+        check_settings(self.hparams)
         self.encoder, self.encoder_spec = build_classifier(
             encoder, img_size, patch_size, in_chans, encoder_kwargs, num_classes, init_from, drop_path_rate, global_pool)
         self.ema_encoder = make_teacher(self.encoder)
