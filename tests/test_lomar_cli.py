@@ -48,9 +48,14 @@ def test_lomar_recipe_runs_and_its_checkpoint_evaluates(tmp_path, capsys):
 
 
 def test_lomar_resume_ends_with_the_same_weights(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
+    """At an epoch end, and after SIGTERM in the middle of an epoch (step 4 of 2 x 3): window draws, masks and the
+    relative-position tables continue exactly."""
+    full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
     assert run_cli(full, "--trainer.max_epochs", "2") == 0
     assert run_cli(part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
                    "--trainer.callbacks.epoch", "0") == 0
     assert run_cli(part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
+    assert run_cli(cut, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "4") == 143
+    assert run_cli(cut, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
+    assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)

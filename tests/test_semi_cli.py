@@ -73,7 +73,8 @@ def test_mpl_with_student_lr_zero_logs_zero_feedback_and_uda_only_teacher_loss(t
 
 
 def test_mpl_resume_restores_both_optimisers_schedulers_and_baseline(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
+    """At an epoch end and after SIGTERM mid-epoch (batch 3 of 2 x 2, optimizer step 6 of 8)."""
+    full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
     assert run_cli("mpl", full, "--trainer.max_epochs", "2") == 0
     assert run_cli("mpl", part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
                    "--trainer.callbacks.epoch", "0") == 0
@@ -87,6 +88,10 @@ def test_mpl_resume_restores_both_optimisers_schedulers_and_baseline(tmp_path):
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][pid][name])), (pid, name)
     assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][1]["last_epoch"] == 4
+    assert run_cli("mpl", cut, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "6") == 143
+    assert run_cli("mpl", cut, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
+    _, c = assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=8)
+    assert a["lr_schedulers"] == c["lr_schedulers"]
 
 
 def test_uda_resumed_mid_epoch_ends_with_the_same_weights(tmp_path):

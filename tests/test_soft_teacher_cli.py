@@ -55,7 +55,9 @@ def test_det_supervised_baseline_sees_no_unlabeled_scenes(tmp_path):
 
 
 def test_soft_teacher_resume_continues_student_teacher_and_schedule(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
+    """At an epoch end and after SIGTERM mid-epoch (step 3 of 2 x 2): box jitter draws, the teacher and the
+    classifier center continue exactly."""
+    full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
     assert run_cli("soft_teacher", full, "--trainer.max_epochs", "2") == 0
     stop = ["--trainer.callbacks+=cli_helpers.StopAfterEpoch", "--trainer.callbacks.epoch=0"]
     assert run_cli("soft_teacher", part, "--trainer.max_epochs", "2", *stop) == 0
@@ -63,6 +65,9 @@ def test_soft_teacher_resume_continues_student_teacher_and_schedule(tmp_path):
     a, _ = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=4)
     assert any(k.startswith("teacher.roi_heads.") for k in a["state_dict"])
     assert len(a["optimizer_states"]) == 1 and a["lr_schedulers"]
+    assert run_cli("soft_teacher", cut, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "3") == 143
+    assert run_cli("soft_teacher", cut, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
+    assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=4)
 
 
 def test_soft_teacher_bad_input_is_one_clear_message(tmp_path, capsys):

@@ -57,13 +57,17 @@ def test_seg_supervised_baseline_sees_no_unlabeled_scenes(tmp_path):
 
 
 def test_u2pl_resume_continues_teacher_memory_bank_and_schedule(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
+    """At an epoch end and after SIGTERM mid-epoch (step 3 of 3 x 2)."""
+    full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
     assert run_cli("u2pl", full, "--trainer.max_epochs", "3") == 0
     stop = ["--trainer.callbacks+=cli_helpers.StopAfterEpoch", "--trainer.callbacks.epoch=1"]
     assert run_cli("u2pl", part, "--trainer.max_epochs", "3", *stop) == 0
     assert run_cli("u2pl", part, "--trainer.max_epochs", "3", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, _ = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
     assert any(k.startswith("memory_bank.") for k in a["state_dict"])
+    assert run_cli("u2pl", cut, "--trainer.max_epochs", "3", "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "3") == 143
+    assert run_cli("u2pl", cut, "--trainer.max_epochs", "3", "--ckpt_path", "last") == 0
+    assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)
 
 
 def test_u2pl_bad_input_is_one_clear_message(tmp_path, capsys):
