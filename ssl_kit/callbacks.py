@@ -9,6 +9,7 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -186,6 +187,22 @@ class CheckpointOnSignal(pl.Callback):
         self.path = Path(path)
         self.signal_name = "SIGTERM"
         self.saved: Path | None = None
+        self.held = False  # a SIGTERM that arrived inside a gradient-accumulation window, waiting for its step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Under gradient accumulation, hold a SIGTERM that lands between the batches of one optimizer step until
+        that step is taken: Lightning would stop after the batch, and a checkpoint there loses the gradient summed
+        so far (the resumed run would differ). Lightning checks its flag right after this hook."""
+        connector = trainer._signal_connector  # Lightning keeps the flag there; no public setter
+        mid_window = trainer.fit_loop.epoch_loop._should_accumulate()
+        if connector.received_sigterm and mid_window:
+            connector.received_sigterm, self.held = False, True
+            if trainer.is_global_zero:
+                log.info("%s inside a gradient-accumulation window: stopping after its optimizer step",
+                         self.signal_name)
+        elif self.held and not mid_window:
+            connector.received_sigterm, self.held = True, False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after Lightning installed its handlers (its SIGUSR1 one only under SLURM auto-requeue); Lightning's

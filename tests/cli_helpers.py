@@ -43,6 +43,19 @@ class SignalAtStep(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalAtBatch(pl.Callback):
+    """Send ``signum`` (SIGTERM by default) to this process after the ``batch``-th training batch of the run (counted
+    from 1 over all epochs), wherever that falls in a gradient-accumulation window."""
+
+    def __init__(self, batch: int = 1, signum: int = int(signal.SIGTERM)):
+        self.batch, self.signum, self.seen = batch, signum, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += 1
+        if self.seen == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
 class SlowSteps(pl.Callback):
     """Training steps that take at least ``seconds`` (room for a signal to land in the middle of a run)."""
 

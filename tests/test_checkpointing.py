@@ -151,3 +151,24 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
 
     assert pretrain_main(cli_args(run, "--trainer.max_epochs", "3")) == 0  # resumed (in this process: faster)
     assert global_step(last) == 9
+
+
+def test_sigterm_inside_a_gradient_accumulation_window_waits_for_its_optimizer_step(tmp_path, capsys):
+    """With --trainer.accumulate_grad_batches 2, a SIGTERM after the first batch of a window is held until the
+    window's optimizer step: a checkpoint between the two batches would drop the gradient of the first, and the
+    resumed run would differ from the uninterrupted one."""
+    from cli_helpers import TINY_ARGS, assert_same_final_state
+    from ssl_kit.cli import pretrain_main
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = [*TINY_ARGS, "--knn_every_n_epochs", "0", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+            "--trainer.accumulate_grad_batches", "2", "--trainer.precision", "32-true"]
+    assert pretrain_main([*args, "--run_dir", str(full)]) == 0
+    # batch 5 of 8 is the first of epoch 1's first window: the run stops after batch 6, at optimizer step 3
+    assert pretrain_main([*args, "--run_dir", str(cut), "--trainer.callbacks+=cli_helpers.SignalAtBatch",
+                          "--trainer.callbacks.batch", "5"]) == 143
+    assert "stopped by SIGTERM at step 3" in capsys.readouterr().err
+    stopped = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)
+    assert stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    assert pretrain_main([*args, "--run_dir", str(cut), "--ckpt_path", "last"]) == 0
+    assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=4)
