@@ -401,6 +401,9 @@ def pretrain_main(args: Sequence[str] | None = None) -> int:
         # Lightning 2.6 on torch >= 2.10: internal deprecation and a size estimate it cannot make; neither is actionable
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
+        # the run folder holds config.yaml before the logger starts, and keep_earlier_metrics already moved an
+        # earlier metrics.csv aside: CSVLogger's "previous log files will be deleted" is not true here
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
         cli = PretrainCLI(
             SSLMethod,
             pl.LightningDataModule,

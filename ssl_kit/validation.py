@@ -1,6 +1,7 @@
-"""Range checks of the methods' settings, run when a method is built (before any data is read or step taken).
+"""Range checks of the methods' and data modules' settings, run when they are built (before any data is read or
+step taken).
 
-One table, :data:`RULES`, maps a hyperparameter name to the values it may take; every method calls
+One table, :data:`RULES` (:data:`DATA_RULES` for the data modules), maps a hyperparameter name to the values it may take; every method calls
 :func:`check_settings` on its ``hparams``, so a setting shared by several methods (``ema_decay``, ``num_classes``,
 ``betas``) is checked the same way everywhere. A failure is one :class:`~ssl_kit.errors.UserError` naming the flag,
 the valid range and the value given. Checks that combine settings (LoMaR's window vs the patch grid, U2PL's ranks
@@ -82,6 +83,9 @@ RULES: dict[str, Rule] = {
     **{name: positive() for name in (
         "student_temp", "teacher_temp", "teacher_temp2", "warmup_teacher_temp", "warmup_teacher_temp2",
         "uda_temperature", "temperature", "head_lr_scale", "rpe_ratio", "jitter_scale")},
+    # the optimiser of every method (also checked where the optimiser is built, for use from Python)
+    "base_lr": positive("the lr per 256 images"),
+    **{name: at_least(0) for name in ("warmup_epochs", "min_lr", "weight_decay")},
     # loss weights and other non-negative settings (a learning rate of 0 freezes that network: a test of the rest)
     **{name: at_least(0) for name in (
         "teacher_lr", "student_lr", "finetune_lr", "unsup_weight", "contrastive_weight", "entropy_weight", "lambda_u", "grad_clip", "weight_decay_end",
@@ -89,18 +93,40 @@ RULES: dict[str, Rule] = {
 }
 
 
-def check_settings(hparams: Mapping[str, Any]) -> None:
-    """Raise one UserError for the first setting in ``hparams`` that breaks its :data:`RULES` entry (names without an
-    entry, and None values, are not checked)."""
+def flatten(value: Any) -> list[Any]:
+    """A setting's numbers: ``0.9`` -> ``[0.9]``, ``[16, [32, 48]]`` -> ``[16, 32, 48]``."""
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in flatten(item)]
+    return [value]
+
+
+DATA_RULES: dict[str, Rule] = {
+    **{name: at_least(1) for name in ("train_scenes", "val_scenes", "objects", "object_size", "local_size",
+                                      "decode_size", "draw_group_size")},
+    **{name: at_least(0) for name in ("num_workers", "num_local", "val_size", "mu", "color_jitter")},
+    **{name: fraction() for name in ("erase_prob", "max_overlap", "translate", "strong_op_prob")},
+    "val_fraction": fraction(high_open=True),
+    "global_scale": Rule(low=0.0, high=1.0, low_open=True, hint="area fractions of the image"),
+    "local_scale": Rule(low=0.0, high=1.0, low_open=True, hint="area fractions of the image"),
+    "rotate": Rule(low=0.0, high=180.0, hint="degrees"),
+    "shear": Rule(low=0.0, high=90.0, high_open=True, hint="degrees"),
+}
+
+
+def check_settings(hparams: Mapping[str, Any], flag_prefix: str = "model", rules: Mapping[str, Rule] = RULES) -> None:
+    """Raise one UserError for the first setting in ``hparams`` that breaks its entry in ``rules`` (:data:`RULES`
+    for a method's ``--model.*`` settings, :data:`DATA_RULES` for ``--data.*``); names without an entry, and None
+    values, are not checked."""
     for name, value in hparams.items():
-        rule = RULES.get(name)
+        rule = rules.get(name)
         if rule is None or value is None or isinstance(value, (str, bool)):
             continue
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        values = flatten(value)
         if not all(isinstance(v, (int, float)) and rule.holds(float(v)) for v in values):
             hint = f" ({rule.hint})" if rule.hint else ""
             shown = list(value) if isinstance(value, (list, tuple)) else value
-            subject = f"--model.{name}: every value" if isinstance(value, (list, tuple)) else f"--model.{name}"
+            flag = f"--{flag_prefix}.{name}"
+            subject = f"{flag}: every value" if isinstance(value, (list, tuple)) else flag
             raise UserError(f"{subject} must be {rule.describe()}{hint}, got {shown}.")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -192,6 +193,10 @@ BAD_INPUTS += [  # {inputs}: files the `inputs` fixture writes (checkpoints, mas
     (["--recipe", "mae", "--ckpt_path", "{inputs}/mae_tiny.ckpt", "--model.encoder_kwargs",
       "{depth: 1, embed_dim: 32, num_heads: 2}", "--model.decoder_dim", "32", "--model.decoder_depth", "1",
       "--model.decoder_heads", "2"], "encoder.cls_token is [1, 1, 64] in the checkpoint and [1, 1, 32] here"),
+    # data module ranges
+    (["--recipe", "soft_teacher", "--data.max_overlap", "1.5"], "--data.max_overlap must be in [0, 1], got 1.5"),
+    (["--recipe", "ibot", "--data.num_local", "-1"], "--data.num_local must be >= 0, got -1"),
+    (["--recipe", "mae", "--data.val_fraction", "1"], "--data.val_fraction must be in [0, 1), got 1.0"),
     # data: masks, COCO JSON
     (["--recipe", "u2pl", "--data.root", "{inputs}/seg_bad_value", "--data.num_classes", "3", "--model.num_classes", "3",
       "--model.low_rank", "1"], "has value(s) [5] >= --data.num_classes 3"),
@@ -265,7 +270,7 @@ def test_bad_input_is_one_line_before_training_and_keeps_earlier_outputs(capsys,
     assert code == 2, err
     assert fragment in error_line(err)
     assert earlier.read_bytes() == b"an earlier run's checkpoint"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["earlier.ckpt"]
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == ["checkpoints", "checkpoints/earlier.ckpt"]
 
 
 def test_every_range_rule_names_a_setting_of_some_method():
@@ -279,3 +284,17 @@ def test_every_range_rule_names_a_setting_of_some_method():
     classes = [c for c in vars(methods).values() if isinstance(c, type) and issubclass(c, SSLMethod)]
     parameters = {name for c in classes for name in inspect.signature(c.__init__).parameters}
     assert sorted(set(RULES) - parameters) == []
+
+
+@pytest.mark.parametrize("where, fragment", [("file", "is a file, not a folder"),
+                                             ("proc", "cannot be written")])
+def test_a_run_folder_that_cannot_be_written_is_one_line_and_nothing_is_made(capsys, tmp_path, where, fragment):
+    """Launch: --run_dir inside a file, or where nobody can write (/proc, read-only even for root), fails before
+    any file is written anywhere."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run = blocker / "run" if where == "file" else Path("/proc/ssl_kit_test_run")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = run_cli(capsys, "--recipe", "mae", "--run_dir", str(run), "--knn_every_n_epochs", "0")
+    assert code == 2 and fragment in error_line(err) and str(run) in error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and blocker.read_text() == "not a folder"

@@ -47,6 +47,7 @@ from ssl_kit.data.fmnist_scenes import TRAIN_SCENES
 from ssl_kit.data.fashion_mnist import load_fashion_mnist
 from ssl_kit.data.labeled_unlabeled import ImagesOnly, LabeledUnlabeledDataModule
 from ssl_kit.errors import UserError
+from ssl_kit.validation import DATA_RULES, check_settings
 
 log = logging.getLogger("ssl_kit")
 Targets = list[dict[str, Tensor]]
@@ -184,6 +185,7 @@ class DetectionDataModule(LabeledUnlabeledDataModule):
         seed: int = 0,
         draw_group_size: int | None = None,
     ) -> None:
+        check_settings(dict(locals()), "data", DATA_RULES)
         if root is not None and not Path(root).expanduser().is_dir():
             raise UserError(f"--data.root {root} does not exist: pass your COCO images folder, or leave it unset for "
                             "the built-in Fashion-MNIST detection scenes.")

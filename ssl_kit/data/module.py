@@ -31,6 +31,7 @@ from ssl_kit.data.resumable import ResumableLoader
 from ssl_kit.data.splits import Splits, channel_stats, load_splits, resolve_source
 from ssl_kit.distributed import DrawPlan, GlobalBatchSampler, check_draw_groups, step_seed
 from ssl_kit.errors import UserError
+from ssl_kit.validation import DATA_RULES, check_settings
 
 log = logging.getLogger("ssl_kit")
 
@@ -204,6 +205,7 @@ class PretrainDataModule(ImageDataModule):
         seed: int = 0,
         draw_group_size: int | None = None,
     ) -> None:
+        check_settings(dict(locals()), "data", DATA_RULES)
         super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, decode_size, val_fraction, verify_images, seed,
                          draw_group_size)
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -296,6 +298,7 @@ class MultiCropDataModule(PretrainDataModule):
 
     def __init__(self, local_size: int = 16, num_local: int = 4, global_scale: tuple[float, float] = (0.25, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.25), color_jitter: float = 0.4, **kwargs: Any) -> None:
+        check_settings(dict(locals()), "data", DATA_RULES)
         super().__init__(color_jitter=color_jitter, **kwargs)
         self.local_size, self.num_local = local_size, num_local
         self.train_augment = MultiCropAugment(self.img_size, local_size, num_local, self.mean, self.std,

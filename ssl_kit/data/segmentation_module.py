@@ -38,6 +38,7 @@ from ssl_kit.data.image_folder import ImageFolderDataset, scan_image_folder
 from ssl_kit.data.mask_folder import MaskFolderDataset, scan_mask_folder
 from ssl_kit.data.labeled_unlabeled import ImagesOnly, LabeledUnlabeledDataModule
 from ssl_kit.errors import UserError
+from ssl_kit.validation import DATA_RULES, check_settings
 
 log = logging.getLogger("ssl_kit")
 
@@ -128,6 +129,7 @@ class SegmentationDataModule(LabeledUnlabeledDataModule):
         seed: int = 0,
         draw_group_size: int | None = None,
     ) -> None:
+        check_settings(dict(locals()), "data", DATA_RULES)
         if root is not None and not Path(root).expanduser().is_dir():
             raise UserError(f"--data.root {root} does not exist: pass your segmentation folder, or leave it unset "
                             "for the built-in Fashion-MNIST scenes.")

@@ -24,6 +24,7 @@ from ssl_kit.data.augment import WeakStrongAugment
 from ssl_kit.data.classification import ClassificationDataModule
 from ssl_kit.data.image_folder import ImageFolderDataset, scan_image_folder
 from ssl_kit.errors import UserError
+from ssl_kit.validation import DATA_RULES, check_settings
 
 log = logging.getLogger("ssl_kit")
 
@@ -79,6 +80,7 @@ class SemiSupervisedDataModule(ClassificationDataModule):
         seed: int = 0,
         draw_group_size: int | None = None,
     ) -> None:
+        check_settings(dict(locals()), "data", DATA_RULES)
         super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, labels_per_class, "none",
                          decode_size=decode_size, val_fraction=val_fraction, verify_images=verify_images, seed=seed,
                          draw_group_size=draw_group_size)
