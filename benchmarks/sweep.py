@@ -26,12 +26,18 @@ def run_and_record(cmd: list[str], run_dir: Path, metrics: list[str], result: di
     """Run ``cmd``; record the last value and the per-epoch curve of each metric, the wall time and the command."""
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
-    wall = time.perf_counter() - start
+    return record_run(run_dir, metrics, result, name, out, time.perf_counter() - start, " ".join(cmd), **info)
+
+
+def record_run(run_dir: Path, metrics: list[str], result: dict, name: str, out: Path, wall_s: float, command: str,
+               **info: object) -> dict:
+    """Record a finished run (its metrics' last values and per-epoch curves, wall time, command) in ``result``
+    and rewrite ``out``."""
     row: dict = dict(info)
     for metric in metrics:
         curve = metric_curve(run_dir, metric)
         row[metric], row[f"{metric}_per_epoch"] = curve[-1], curve
-    row.update(wall_s=round(wall, 1), command=" ".join(cmd))
+    row.update(wall_s=round(wall_s, 1), command=command)
     result["runs"][name] = row
     print(json.dumps(row), flush=True)
     out.parent.mkdir(exist_ok=True)

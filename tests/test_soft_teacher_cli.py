@@ -1,5 +1,6 @@
 """`ssl-pretrain --recipe soft_teacher | det_supervised` end to end (tiny): logs, pictures, export, exact resume,
 bad input, DDP."""
+import csv
 import json
 
 import pytest
@@ -17,7 +18,7 @@ TINY_DET = [
     "--model.encoder_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}",
     "--model.fpn_channels", "16", "--model.representation", "32", "--model.anchor_sizes", "[8, 16, 32, 64]",
     "--model.rpn_pre_nms", "[100, 50]", "--model.rpn_post_nms", "[50, 20]", "--model.roi_batch", "32",
-    "--model.jitter_times", "4", "--model.initial_score", "0.05",
+    "--model.jitter_times", "4", "--model.initial_score", "0.05", "--model.sup_only_epochs", "0",
     "--data.img_size", "64", "--data.train_scenes", "40", "--data.val_scenes", "8", "--data.object_size", "[12, 24]",
     "--data.labeled_fraction", "0.2", "--data.batch_size", "2", "--data.unlabeled_ratio", "2",
     "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1",
@@ -45,6 +46,16 @@ def test_soft_teacher_logs_pseudo_boxes_map_pictures_and_exports_the_teacher(tmp
     teacher = {k[len("teacher.encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("teacher.encoder.")}
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, teacher[key]), key
+
+
+def test_soft_teacher_burn_in_trains_on_labels_only_then_uses_pseudo_boxes(tmp_path):
+    """--model.sup_only_epochs 1: epoch 0 is the supervised baseline's (no unlabeled loss), epoch 1 adds the
+    pseudo boxes; teacher and student are both scored every epoch."""
+    run = tmp_path / "burn_in"
+    assert run_cli("soft_teacher", run, "--trainer.max_epochs", "2", "--model.sup_only_epochs", "1") == 0
+    steps_with = lambda name: [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get(name)]  # noqa: E731
+    assert steps_with("loss_unsup") == [2, 3] and steps_with("loss_sup") == [0, 1, 2, 3]
+    assert len(column(run, "val_map50_student")) == len(column(run, "val_map50")) == 2
 
 
 def test_det_supervised_baseline_sees_no_unlabeled_scenes(tmp_path):

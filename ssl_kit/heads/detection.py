@@ -73,6 +73,11 @@ class SimpleFeaturePyramid(nn.Module):
         return OrderedDict((name, level(feature_map)) for name, level in self.levels.items())
 
 
+def anchor_levels(anchor_sizes: Sequence[int | Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    """``[16, [32, 48], ...]`` -> ``((16,), (32, 48), ...)``: the anchor sizes of each pyramid level."""
+    return tuple((int(a),) if isinstance(a, (int, float)) else tuple(int(v) for v in a) for a in anchor_sizes)
+
+
 class ViTDetector(nn.Module):
     """ViT + simple feature pyramid + torchvision RPN and RoI heads (Faster R-CNN).
 
@@ -81,18 +86,20 @@ class ViTDetector(nn.Module):
         num_classes: classes including background (label 0).
         fpn_channels: pyramid channels.
         strides: pyramid strides.
-        anchor_sizes: one anchor size per level (pixels), three aspect ratios each.
+        anchor_sizes: per level one anchor size or several (pixels), three aspect ratios each.
         rpn_pre_nms, rpn_post_nms: proposals kept per level before NMS / in all after NMS, (train, test).
         rpn_batch, roi_batch: anchors / proposals sampled per image for the losses.
         representation: width of the two-layer box head.
-        score_thresh, nms_thresh, detections_per_img: detection post-processing (evaluation, teacher).
+        score_thresh, nms_thresh, detections_per_img: detection post-processing (evaluation, teacher). The
+            score threshold is 0 so that mAP, a ranking metric, sees every detection (torchvision's 0.05 cut
+            them all while the 11-way softmax is still dominated by background); pseudo boxes have their own.
     """
 
     def __init__(
         self, encoder: VisionTransformer, num_classes: int, fpn_channels: int = 128,
-        strides: Sequence[int] = (4, 8, 16, 32), anchor_sizes: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[int] = (4, 8, 16, 32), anchor_sizes: Sequence[int | Sequence[int]] = (16, 32, 64, 128),
         rpn_pre_nms: tuple[int, int] = (1000, 500), rpn_post_nms: tuple[int, int] = (500, 200),
-        rpn_batch: int = 256, roi_batch: int = 128, representation: int = 256, score_thresh: float = 0.05,
+        rpn_batch: int = 256, roi_batch: int = 128, representation: int = 256, score_thresh: float = 0.0,
         nms_thresh: float = 0.5, detections_per_img: int = 50,
     ) -> None:
         super().__init__()
@@ -101,7 +108,11 @@ class ViTDetector(nn.Module):
         self.encoder = encoder
         self.pyramid = SimpleFeaturePyramid(encoder.embed_dim, encoder.patch_embed.patch_size[0], fpn_channels, strides)
         names = list(self.pyramid.levels)
-        anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+        levels = anchor_levels(anchor_sizes)
+        if len({len(sizes) for sizes in levels}) != 1:
+            raise UserError(f"--model.anchor_sizes needs as many sizes at every pyramid level (one RPN head serves them "
+                            f"all), got {[list(sizes) for sizes in levels]}.")
+        anchors = AnchorGenerator(levels, ((0.5, 1.0, 2.0),) * len(levels))
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=rpn_batch, positive_fraction=0.5,

@@ -70,8 +70,9 @@ def build_classifier(
 def classifier_param_groups(model: VisionTransformer, weight_decay: float, layer_decay: float,
                             prefix: str = "encoder") -> list[dict[str, Any]]:
     """AdamW groups of a ViT classifier: no weight decay on biases / norms / tokens, and with ``layer_decay``
-    < 1 timm's layer-wise groups (``lr_scale = layer_decay ** (depth + 1 - layer id)``: the head at the full
-    lr, block i at ``layer_decay ** (depth + 1 - (i + 1))``, embeddings lowest). The scale is applied by
+    < 1 timm's layer-wise groups (``lr_scale = layer_decay ** (num_layers - 1 - layer id)``: with a head, the head
+    and final norm at the full lr and block i of d at ``layer_decay ** (d - i)``; without one (``num_classes=0``)
+    block i at ``layer_decay ** (d - 1 - i)``; embeddings lowest). The scale is applied by
     :func:`ssl_kit.optim.adamw_warmup_cosine`."""
     if layer_decay >= 1.0:
         return adamw_param_groups({prefix: model}, weight_decay)

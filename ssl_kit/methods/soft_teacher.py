@@ -18,7 +18,8 @@ from ssl_kit.eval.encoder_source import load_encoder
 from ssl_kit.heads.detection import ViTDetector
 from ssl_kit.losses.soft_teacher import box_uncertainty, confident, jitter_boxes, reliable, soft_background_ce
 from ssl_kit.methods.base import StudentTeacherMethod
-from ssl_kit.methods.classifier import pretrained_or_random
+from ssl_kit.methods.classifier import classifier_param_groups, pretrained_or_random
+from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 from ssl_kit.teacher import EMATeacher, make_teacher
 from ssl_kit.validation import check_settings
 
@@ -61,12 +62,19 @@ class SoftTeacher(StudentTeacherMethod):
         fpn_channels, strides, anchor_sizes, rpn_pre_nms, rpn_post_nms, rpn_batch, roi_batch, representation:
             the detector (:class:`ssl_kit.heads.detection.ViTDetector`).
         unsup_weight: weight of the unsupervised losses (4.0).
+        sup_only_epochs: epochs of labeled images only before the pseudo boxes are used (0: the paper trains end
+            to end from the first step). A short schedule needs a teacher whose detections can pass
+            ``cls_threshold``; the EMA teacher runs throughout, so at the switch it is exactly the supervised
+            baseline's teacher at that step.
         initial_score: teacher score for a pseudo-box candidate (0.5).
         cls_threshold: score a pseudo box needs for classification and RPN (0.9, strict).
         reg_threshold: uncertainty below which a pseudo box supervises regression (0.02, strict).
         jitter_times, jitter_scale: box jittering (10, 0.06).
         ema_decay: teacher momentum cap (0.999).
         base_lr: AdamW lr per 256 LABELED images; head_lr_scale: lr multiplier of pyramid + RPN + RoI heads.
+        layer_decay: ViTDet's layer-wise lr decay of the encoder (timm groups: block i of d at
+            ``layer_decay ** (d - 1 - i)`` of the encoder lr, embeddings at ``layer_decay ** d``; 1.0 = off,
+            ViTDet: 0.7).
         min_lr, warmup_epochs, weight_decay, betas: schedule and optimiser.
     """
 
@@ -84,13 +92,14 @@ class SoftTeacher(StudentTeacherMethod):
         drop_path_rate: float = 0.1,
         fpn_channels: int = 128,
         strides: Sequence[int] = (4, 8, 16, 32),
-        anchor_sizes: Sequence[int] = (16, 32, 64, 128),
+        anchor_sizes: Sequence[int | Sequence[int]] = (16, 32, 64, 128),
         rpn_pre_nms: tuple[int, int] = (1000, 500),
         rpn_post_nms: tuple[int, int] = (500, 200),
         rpn_batch: int = 256,
         roi_batch: int = 128,
         representation: int = 256,
         unsup_weight: float = 4.0,
+        sup_only_epochs: int = 0,
         initial_score: float = 0.5,
         cls_threshold: float = 0.9,
         reg_threshold: float = 0.02,
@@ -99,6 +108,7 @@ class SoftTeacher(StudentTeacherMethod):
         ema_decay: float = 0.999,
         base_lr: float = 0.128,
         head_lr_scale: float = 1.0,
+        layer_decay: float = 1.0,
         min_lr: float = 1e-6,
         warmup_epochs: float = 0.1,
         weight_decay: float = 0.05,
@@ -115,6 +125,7 @@ class SoftTeacher(StudentTeacherMethod):
                                    tuple(rpn_post_nms), rpn_batch, roi_batch, representation)
         self.teacher = make_teacher(self.student)
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        self.val_map_student = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         self._epoch_pseudo_boxes = 0
 
     # ------------------------------------------------------------------ contract
@@ -165,7 +176,8 @@ class SoftTeacher(StudentTeacherMethod):
     # ------------------------------------------------------------------ training
     @property
     def semi_supervised(self) -> bool:
-        return self.hparams.unsup_weight > 0
+        """Whether this epoch trains on unlabeled images (after the ``sup_only_epochs`` burn-in)."""
+        return self.hparams.unsup_weight > 0 and self.current_epoch >= self.hparams.sup_only_epochs
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, targets = batch["labeled"]
@@ -253,13 +265,18 @@ class SoftTeacher(StudentTeacherMethod):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: tuple[Tensor, Targets], batch_idx: int) -> None:
+        """COCO mAP of the teacher (``val_map``, the exported model) and of the student (``val_map_student``) on
+        every detection they make (score threshold 0)."""
         images, targets = batch
         self.val_map.update(self(images), targets)
+        self.val_map_student.update(self.student.detect(images), targets)
 
     def on_validation_epoch_end(self) -> None:
-        result = self.val_map.compute()
-        self.log_dict({"val_map": result["map"], "val_map50": result["map_50"]}, prog_bar=True, sync_dist=False)
+        teacher, student = self.val_map.compute(), self.val_map_student.compute()
+        self.log_dict({"val_map": teacher["map"], "val_map50": teacher["map_50"]}, prog_bar=True, sync_dist=False)
+        self.log_dict({"val_map_student": student["map"], "val_map50_student": student["map_50"]}, sync_dist=False)
         self.val_map.reset()
+        self.val_map_student.reset()
 
     @torch.no_grad()
     def detection_panels(self, images: Tensor) -> dict[str, list[dict[str, Tensor]]]:
@@ -271,7 +288,11 @@ class SoftTeacher(StudentTeacherMethod):
         return panels
 
     def configure_optimizers(self) -> dict[str, Any]:
-        student = self.student
-        return self.adamw_warmup_cosine(
-            {"encoder": student.encoder, "pyramid": student.pyramid, "rpn": student.rpn, "roi_heads": student.roi_heads},
-            lr_scales={name: self.hparams.head_lr_scale for name in ("pyramid", "rpn", "roi_heads")})
+        """AdamW: the encoder at ``base_lr`` (scaled by the batch) with layer decay, the pyramid and heads at
+        ``head_lr_scale`` times it."""
+        hp, student = self.hparams, self.student
+        groups = classifier_param_groups(student.encoder, hp.weight_decay, hp.layer_decay)
+        groups += [dict(g, lr_scale=hp.head_lr_scale) for g in adamw_param_groups(
+            {"pyramid": student.pyramid, "rpn": student.rpn, "roi_heads": student.roi_heads}, hp.weight_decay)]
+        return adamw_warmup_cosine(self, groups, hp.base_lr, self.trainer.datamodule.batch_size, hp.warmup_epochs,
+                                   betas=tuple(hp.betas), min_lr=hp.min_lr)
