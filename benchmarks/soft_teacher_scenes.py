@@ -20,7 +20,7 @@ from sweep import RESULTS, init_args, load_results, parse_sweep_args, run_and_re
 
 PROTOCOL = ("val COCO mAP / mAP@50 of the EMA teacher and of the student (300 val scenes from the Fashion-MNIST "
             "test split, 128 px, 10 classes, every detection scored: threshold 0) after each epoch of the shipped "
-            "recipe (10 epochs x 300 steps, 2 labeled [+ 8 unlabeled] scenes per step, 10 % of 2000 train scenes "
+            "recipe (3000 steps: 15 epochs x 200 since #23's second commit, 10 x 300 for the first det_supervised rows; 2 labeled [+ 8 unlabeled] scenes per step, 10 % of 2000 train scenes "
             "labeled, ViT-Tiny width depth 6, patch 8, ViTDet pyramid + Faster R-CNN, two anchor sizes per level)")
 METRICS = ["val_map", "val_map50", "val_map_student", "val_map50_student"]
 
@@ -39,7 +39,7 @@ def plot(result: dict, path: Path) -> None:
         if row.get("val_map50_student_per_epoch"):
             ax.plot(range(1, len(row["val_map50_student_per_epoch"]) + 1), row["val_map50_student_per_epoch"],
                     color=colour, linestyle="--")
-    ax.set_xlabel("epoch (300 steps)")
+    ax.set_xlabel("epoch (200 steps; 300 for the first det_supervised rows)")
     ax.set_ylabel("val mAP@50 (solid: teacher, dashed: student)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -290,3 +290,21 @@ def test_the_recipes_teacher_momentum_suits_3000_steps():
         (ema,) = [c for c in model.default_callbacks() if isinstance(c, EMATeacher)]
         assert steps == 3000
         assert [ema.momentum(i, steps) for i in (1, 49, 99, 2999)] == pytest.approx([0.5, 0.98, 0.99, 0.99])
+
+
+def test_soft_teacher_and_its_baseline_take_the_same_steps_per_epoch():
+    """An epoch of a semi-supervised data module is one pass over the unlabeled images; if that is shorter than
+    the recipes' limit_train_batches, Soft Teacher would train fewer steps than det_supervised."""
+    import yaml
+
+    from ssl_kit.cli import resolve_recipe
+
+    steps = {}
+    for recipe in ("det_supervised", "soft_teacher"):
+        config = yaml.safe_load(resolve_recipe(recipe).read_text())
+        data = config["data"]["init_args"]
+        labeled = round(data["labeled_fraction"] * data["train_scenes"])
+        one_pass = (data["train_scenes"] - labeled) // (data["unlabeled_ratio"] * data["batch_size"]) \
+            if data["unlabeled_ratio"] else data["train_scenes"] // data["batch_size"]
+        steps[recipe] = config["trainer"]["max_epochs"] * min(one_pass, config["trainer"]["limit_train_batches"])
+    assert steps == {"det_supervised": 3000, "soft_teacher": 3000}
