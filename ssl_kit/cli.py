@@ -34,6 +34,7 @@ from ssl_kit.callbacks import (CheckpointOnSignal, DetectionPictures, EncoderExp
 from ssl_kit.checkpointing import remove_partial_writes
 from ssl_kit.data.resumable import RestoreLoaderPosition
 from ssl_kit.errors import UserError
+from ssl_kit.export import CHECKPOINT_KEY
 from ssl_kit.eval.knn import KNNMonitor, knn_unscorable
 from ssl_kit.qscore import QScoreMonitor, QScoreRegularizer
 from ssl_kit.methods.base import SSLMethod
@@ -249,7 +250,7 @@ def require_matching_checkpoint(model: pl.LightningModule, path: Path) -> None:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
         raise UserError(f"--ckpt_path {path} is not a training checkpoint (no Lightning training state): resume from "
                         "RUN/checkpoints/last.ckpt, or start from an encoder with the method's --model.init_from.")
-    saved_class = str(ckpt.get("hyper_parameters", {}).get("_class_path", "")).rsplit(".", 1)[-1]
+    saved_class = ckpt.get(CHECKPOINT_KEY, {}).get("method")  # SSLMethod.on_save_checkpoint records it
     this_class = type(model).__name__
     if saved_class and saved_class != this_class:
         raise UserError(f"--ckpt_path {path} is a {saved_class} checkpoint but this run trains {this_class}: pass the "

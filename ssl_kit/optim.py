@@ -11,7 +11,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from ssl_kit.errors import UserError
+from ssl_kit.validation import check_settings
 
 log = logging.getLogger("ssl_kit")
 
@@ -101,16 +101,9 @@ def adamw_warmup_cosine(
 
     Returns the dict Lightning expects from ``configure_optimizers``.
     """
-    if not base_lr > 0:
-        raise UserError(f"--model.base_lr must be > 0 (the lr per 256 images), got {base_lr}.")
-    if not warmup_epochs >= 0:
-        raise UserError(f"--model.warmup_epochs must be >= 0, got {warmup_epochs}.")
-    if not min_lr >= 0:
-        raise UserError(f"--model.min_lr must be >= 0, got {min_lr}.")
     param_groups = list(param_groups)
-    negative = [g["weight_decay"] for g in param_groups if g.get("weight_decay", 0.0) < 0]
-    if negative:
-        raise UserError(f"--model.weight_decay must be >= 0 (0.05 in the recipes), got {negative[0]}.")
+    check_settings({"base_lr": base_lr, "warmup_epochs": warmup_epochs, "min_lr": min_lr,  # also for use from Python
+                    "weight_decay": [g.get("weight_decay", 0.0) for g in param_groups]})
     trainer = module.trainer
     total_steps = int(trainer.estimated_stepping_batches)
     warmup_steps = int(round(warmup_epochs * steps_per_epoch(trainer)))

@@ -227,7 +227,7 @@ def inputs(tmp_path_factory):
     tiny = MAE(encoder_kwargs=dict(depth=1, embed_dim=64, num_heads=2), decoder_dim=32, decoder_depth=1,
                decoder_heads=2)
     torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": tiny.state_dict(),
-                "hyper_parameters": dict(tiny.hparams, _class_path="ssl_kit.methods.MAE")}, root / "mae_tiny.ckpt")
+                "hyper_parameters": dict(tiny.hparams), "ssl_kit": {"method": "MAE"}}, root / "mae_tiny.ckpt")
     torch.save(tiny.encoder.state_dict(), root / "weights_only.pt")
     rng = np.random.default_rng(0)
     for name in ("seg_bad_value", "seg_missing_mask"):
