@@ -28,7 +28,8 @@ from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_features, weighted_knn
 from ssl_kit.export import load_exported_encoder
-from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style, select_attention_kernel
+from ssl_kit.encoders import EncoderSpec, build_random_encoder, select_attention_kernel
+from ssl_kit.eval.encoder_source import recorded_init
 from ssl_kit.precision import autocast_dtype, resolve_precision
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,14 +57,8 @@ def feature_dtype(precision: str) -> torch.dtype | None:
 
 
 def random_init_encoder(config: dict) -> torch.nn.Module:
-    """The exported architecture at the method's own initialisation (MAE / LoMaR: MAE-style init,
-    MAE with its fixed sin-cos table; iBOT: timm's default init with a learned position embedding)."""
-    spec = EncoderSpec(config["timm_name"], dict(config["kwargs"]))
-    mae_style = config.get("method") in ("MAE", "LoMaR")
-    model = build_encoder(spec, sincos_pos_embed=mae_style)
-    if mae_style:
-        init_vit_mae_style(model)
-    return model
+    """The exported architecture at the method's own initialisation (``ssl-knn --random_init same``)."""
+    return build_random_encoder(EncoderSpec(config["timm_name"], dict(config["kwargs"])), recorded_init(config))
 
 
 def main() -> None:
@@ -108,7 +103,6 @@ def main() -> None:
 
     pretrained = load_exported_encoder(encoder_dir)
     config = json.loads((encoder_dir / "config.json").read_text())
-    kwargs = config["kwargs"]
     random_init = random_init_encoder(config)
     models = [("pretrained", pretrained)] + ([] if args.skip_random_init else [("random_init", random_init)])
     for name, model in models:

@@ -164,7 +164,7 @@ class EncoderExport(pl.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        extra = {"method": type(pl_module).__name__, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        extra = {**pl_module.encoder_record(), "epoch": trainer.current_epoch, "global_step": trainer.global_step}
         export_encoder(pl_module.export_module(), pl_module.encoder_spec, self.out_dir, extra)
         log.info("exported encoder to %s", self.out_dir)
 

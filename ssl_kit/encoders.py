@@ -406,3 +406,23 @@ def block_mask(grid: tuple[int, int], num_masked: int, min_block: int = 16, max_
             break
         count += added
     return mask
+
+
+ENCODER_INITS = ("mae", "timm")
+
+
+def build_random_encoder(spec: EncoderSpec, init: str = "mae") -> VisionTransformer:
+    """The encoder of ``spec`` as a method initialises it before training: the baseline that pretraining must beat.
+
+    Args:
+        spec: timm name and kwargs.
+        init: ``mae`` (fixed 2-D sin-cos position table, xavier-uniform linears and patch projection, [CLS]
+            and mask token N(0, 0.02): MAE, LoMaR, the classifiers) or ``timm`` (timm's own trunc-normal(0.02)
+            init with a learned position embedding: iBOT).
+    """
+    if init not in ENCODER_INITS:
+        raise ValueError(f"unknown encoder init {init!r}: use one of {ENCODER_INITS}")
+    model = build_encoder(spec, sincos_pos_embed=init == "mae")
+    if init == "mae":
+        init_vit_mae_style(model)
+    return model

@@ -146,10 +146,15 @@ def test_feature_auto_follows_what_the_encoder_was_trained_for(tiny_run):
     from ssl_kit.eval.cli import default_feature
     from ssl_kit.eval.encoder_source import EncoderSource
 
-    assert default_feature(EncoderSource(ckpt=str(tiny_run / "checkpoints" / "last.ckpt")), "auto") == "avgpool"  # MAE
-    assert default_feature(EncoderSource(encoder=str(tiny_run / "encoder")), "auto") == "avgpool"
-    assert default_feature(EncoderSource(random_init="tiny"), "auto") == "avgpool"
-    assert default_feature(EncoderSource(random_init="tiny"), "cls") == "cls"  # an explicit choice is kept
+    from ssl_kit.eval.cli import finetune_pool
+
+    ckpt, export = EncoderSource(ckpt=str(tiny_run / "checkpoints" / "last.ckpt")), EncoderSource(encoder=str(tiny_run / "encoder"))
+    assert default_feature(ckpt, "auto") == "cls"  # MAE's --model.readout default: the paper's linear probe
+    assert default_feature(export, "auto") == "cls"
+    assert json.loads((tiny_run / "encoder" / "config.json").read_text())["readout"] == "cls"
+    assert finetune_pool(ckpt) == finetune_pool(export) == "avg"  # ... and MAE fine-tunes on the mean patch token
+    assert default_feature(EncoderSource(random_init="tiny"), "auto") == "cls"
+    assert default_feature(EncoderSource(random_init="tiny"), "avgpool") == "avgpool"  # an explicit choice is kept
 
 
 def test_eval_resolution_change_resamples_position_embedding(tiny_run, tmp_path, ssl_caplog):

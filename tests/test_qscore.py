@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from ssl_kit.losses.qscore import qscore, qscore_regularizer, sparsity
+from ssl_kit.eval.features import readout_features
+from ssl_kit.losses.qscore import qscore, qscore_regularizer, sparsity, standardize_rectify
 from ssl_kit.methods import LoMaR, MAE
 from ssl_kit.qscore import QScoreRegularizer
 
@@ -61,21 +62,25 @@ class FakeTrainer:
     precision_plugin = object()
 
 
-@pytest.mark.parametrize("make", [
+MAKERS = [
     lambda: MAE(encoder="tiny", encoder_kwargs=dict(depth=2, embed_dim=64, num_heads=2), img_size=32, patch_size=4,
                 in_chans=1, decoder_dim=32, decoder_depth=1, decoder_heads=2),
     lambda: LoMaR(encoder="tiny", encoder_kwargs=dict(depth=2, embed_dim=64, num_heads=2), img_size=32, patch_size=4,
                   in_chans=1, num_windows=2),
-], ids=["mae", "lomar"])
+]
+
+
+@pytest.mark.parametrize("make", MAKERS, ids=["mae", "lomar"])
 def test_enabling_it_adds_exactly_the_regulariser_to_any_method(make, monkeypatch):
+    """``features='training'``, raw space, sums: the paper's regulariser on the [CLS] of the method's own passes."""
     torch.manual_seed(0)
     model = make().train()
-    reg = QScoreRegularizer(lambda1=1e-2, lambda2=1e-2)
+    reg = QScoreRegularizer(lambda1=1e-2, lambda2=1e-2)  # defaults: the paper's, on the training passes' raw [CLS]
     reg.setup(None, model, "fit")
     captured = {}
     model.encoder.norm.register_forward_hook(lambda m, a, out: captured.update(cls=out[:, 0]) and None)
     images = torch.randn(4, 1, 32, 32)
-    reg.on_train_batch_start(None, model, None, 0)
+    reg.on_train_batch_start(None, model, (images, None), 0)
     out = model(images)
     loss = out[0] if isinstance(out, tuple) else out.loss
     seen = []
@@ -90,6 +95,58 @@ def test_enabling_it_adds_exactly_the_regulariser_to_any_method(make, monkeypatc
     reg.teardown(None, model, "fit")
     model.backward(loss)
     assert seen[1] is loss and model.extra_loss() is None  # detached: the method's loss is untouched
+
+
+@pytest.mark.parametrize("make", MAKERS, ids=["mae", "lomar"])
+def test_full_image_regulariser_scores_the_readout_in_the_standardized_space(make, monkeypatch):
+    torch.manual_seed(0)
+    model = make().train()
+    reg = QScoreRegularizer(lambda1=0.2, lambda2=0.02, features="full", space="standardized", reduction="mean")
+    reg.setup(None, model, "fit")
+    images = torch.randn(6, 1, 32, 32)
+    reg.on_train_batch_start(None, model, (images, None), 0)
+    out = model(images)
+    loss = out[0] if isinstance(out, tuple) else out.loss
+    seen = []
+    model._trainer = FakeTrainer()
+    monkeypatch.setattr("pytorch_lightning.LightningModule.backward", lambda self, l, *a, **k: seen.append(l))
+    model.backward(loss)
+    h = readout_features(model.encoder, images)[model.readout]  # [CLS] for MAE, mean patch token for LoMaR
+    expected = loss + qscore_regularizer(standardize_rectify(h), 0.2, 0.02, reduction="mean") / 2
+    assert seen[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert float(reg._last["qscore_reg"]) != 0
+
+
+def test_standardized_space_by_hand_and_mean_reduction_by_hand():
+    # per column: [1, 3] -> mean 2, population std 1 -> [-1, 1] -> [0, 1]; [10, 30] the same
+    out = standardize_rectify(torch.tensor([[1.0, 10.0], [3.0, 30.0]]))
+    assert torch.allclose(out, torch.tensor([[0.0, 0.0], [1.0, 1.0]]), atol=1e-5)  # 1 / (1 + eps)
+    h = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 2.0, 0.0]])
+    q = qscore(h)  # sample 1 is the only one below the mean Q; column means [2.5, 0.5, 1, 0], mean 1 -> column 0
+    expected = -0.3 * q[1] + 0.7 * 2.5
+    assert qscore_regularizer(h, 0.3, 0.7, reduction="mean").item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_layernorm_gain_cannot_lower_the_standardized_regulariser():
+    """Issue #21: on raw LayerNorm outputs, shrinking the gain is the cheapest way down (the column L1 term); on
+    batch-standardised features the regulariser does not depend on the gain or bias at all."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32) @ torch.randn(32, 32)
+    norm = torch.nn.LayerNorm(32)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.normal_()
+    raw = qscore_regularizer(norm(x), 1e-4, 1e-4)
+    raw.backward()
+    assert float((norm.weight.grad * norm.weight).sum()) > 0  # raw: a smaller gain lowers R
+    norm.zero_grad()
+    standardized = qscore_regularizer(standardize_rectify(norm(x)), 0.2, 0.02, reduction="mean")
+    standardized.backward()
+    assert norm.weight.grad.abs().max() < 1e-5 and norm.bias.grad.abs().max() < 1e-5
+    with torch.no_grad():
+        scale = torch.rand(32) * 3 + 0.1
+        shifted = standardize_rectify(norm(x) * scale + 5.0)
+    assert torch.allclose(shifted, standardize_rectify(norm(x)).detach(), atol=1e-4)
 
 
 @pytest.mark.slow

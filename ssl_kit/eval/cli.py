@@ -1,7 +1,8 @@
 """Evaluation commands: ``ssl-knn``, ``ssl-linear-probe``, ``ssl-finetune``, ``ssl-export``.
 
 Each takes ``--ckpt`` (a checkpoint of any ssl_kit method), ``--encoder`` (an export folder) or
-``--random_init NAME`` (the baseline), ``--data.*`` like ssl-pretrain (default: Fashion-MNIST
+``--random_init NAME`` (a baseline; ``--random_init same`` with ``--ckpt`` / ``--encoder``: that network at its
+method's own initialisation), ``--data.*`` like ssl-pretrain (default: Fashion-MNIST
 train/test), writes ``metrics.json`` and a CSV into ``--out`` (default ``runs/eval/COMMAND/TIME``)
 and prints the headline figure. Probe and fine-tune also take ``--trainer.*`` Lightning flags.
 """
@@ -26,7 +27,7 @@ from ssl_kit.cli import find_user_error, setup_logging
 from ssl_kit.data.classification import ClassificationDataModule
 from ssl_kit.data.module import EpochSeededRandomSampler
 from ssl_kit.errors import UserError
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, read_checkpoint, recorded_encoder
+from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, read_checkpoint, encoder_record
 from ssl_kit.eval.features import encoder_features, feature_dim
 from ssl_kit.eval.finetune import FineTune
 from ssl_kit.eval.knn import extract_features, feature_batch_size, weighted_knn
@@ -56,7 +57,9 @@ def base_parser(prog: str, description: str, with_trainer: bool) -> LightningArg
     parser = LightningArgumentParser(prog=prog, description=description, default_env=False)
     parser.add_argument("--ckpt", type=str | None, default=None, help="ssl_kit method checkpoint")
     parser.add_argument("--encoder", type=str | None, default=None, help="exported encoder folder")
-    parser.add_argument("--random_init", type=str | None, default=None, help="preset or timm name, random weights")
+    parser.add_argument("--random_init", type=str | None, default=None,
+                        help="preset or timm name, random weights; 'same' with --ckpt / --encoder: that network "
+                             "at its method's own initialisation (the like-for-like baseline)")
     parser.add_argument("--patch_size", type=int, default=16, help="patch size for --random_init")
     parser.add_argument("--encoder_kwargs", type=dict | None, default=None, help="ViT kwargs for --random_init")
     parser.add_argument("--out", type=str | None, default=None, help="output folder")
@@ -123,21 +126,32 @@ def feature_precision(cfg: Any) -> torch.dtype | None:
     return autocast_dtype(resolve_precision(precision, accelerator))
 
 
+# readouts of checkpoints written before the record carried one: each method's paper readout
+PAPER_READOUT = {"MAE": "cls", "LoMaR": "avgpool", "IBOT": "cls"}
+
+
 def default_feature(source: EncoderSource, kind: str) -> str:
-    """``--feature auto``: the readout the encoder was trained for. MAE and LoMaR never train the [CLS] token
-    (MAE fine-tunes and probes the mean patch token), iBOT trains it; a classifier export (UDA, MPL,
-    supervised) follows its ``global_pool``; a random init uses the mean patch token."""
+    """``--feature auto``: the readout the encoder's method evaluates (its ``--model.readout``, recorded in the
+    checkpoint and export: ``cls`` for MAE's linear probe and iBOT, ``avgpool`` for LoMaR, whose loss never
+    trains the last [CLS]); a classifier's follows its ``global_pool``; a named random init reads ``cls``."""
     if kind != "auto":
         return kind
-    spec, method = recorded_encoder(source)
+    spec, record = encoder_record(source)
+    if record.get("readout"):
+        return record["readout"]
+    if record.get("method") in PAPER_READOUT:
+        return PAPER_READOUT[record["method"]]
     pool = spec.kwargs.get("global_pool") if spec is not None else None
-    if method in ("MAE", "LoMaR"):
-        return "avgpool"
-    if method == "IBOT":
-        return "cls"
-    if pool is not None and method is not None:
-        return "avgpool" if pool == "avg" else "cls"
-    return "avgpool"
+    return "avgpool" if pool == "avg" else "cls"
+
+
+def finetune_pool(source: EncoderSource) -> str:
+    """``--global_pool auto`` of ``ssl-finetune``: ``avg`` where the method's reference fine-tunes on the mean patch
+    token (MAE, LoMaR; also a random init), else the pool of the method's readout (``token`` for iBOT)."""
+    _, record = encoder_record(source)
+    if record.get("method") in ("MAE", "LoMaR") or not record:
+        return "avg"
+    return "avg" if default_feature(source, "auto") == "avgpool" else "token"
 
 
 def extract_split_features(model: torch.nn.Module, data: ClassificationDataModule, kind: str, last_n: int,
@@ -173,7 +187,7 @@ def knn_body(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--k", type=str, default="20", help="neighbours: one value or a list like 10,20,100,200")
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--feature", type=str, default="auto",
-                        help="auto (the readout the encoder was trained for: avgpool for MAE / LoMaR, cls for iBOT), cls, "
+                        help="auto (the readout its method evaluates: cls for MAE and iBOT, avgpool for LoMaR), cls, "
                              "avgpool or cls_last_n")
     parser.add_argument("--last_n", type=int, default=4)
     parser.set_defaults({"data.train_augment": "none"})
@@ -268,7 +282,7 @@ def linear_probe_body(argv: list[str]) -> dict[str, Any]:
     parser = base_parser("ssl-linear-probe", "Linear probe on a frozen encoder (MAE protocol: BatchNorm + linear, LARS).",
                          with_trainer=True)
     parser.add_argument("--feature", type=str, default="auto",
-                        help="auto (the readout the encoder was trained for: avgpool for MAE / LoMaR, cls for iBOT), "
+                        help="auto (the readout its method evaluates: cls for MAE and iBOT, avgpool for LoMaR), "
                              "cls, avgpool, or cls_last_n")
     parser.add_argument("--last_n", type=int, default=4)
     # MAE's 0.1 is calibrated for batch 16384 x 90 ImageNet epochs; 1000 steps on 100 labels (MAE recipe encoder, avgpool):
@@ -334,7 +348,7 @@ def finetune_body(argv: list[str]) -> dict[str, Any]:
     cfg = parser.parse_args(argv)
     data, out, source, start = prepare(cfg, "finetune")
     warmup_epochs = apply_schedule(cfg, data)
-    pool = cfg.global_pool if cfg.global_pool != "auto" else ("avg" if default_feature(source, "auto") == "avgpool" else "token")
+    pool = cfg.global_pool if cfg.global_pool != "auto" else finetune_pool(source)
     if pool not in ("avg", "token"):
         raise UserError(f"--global_pool must be auto, avg or token, got {cfg.global_pool!r}.")
     model, spec = load_encoder(source, data.img_size, data.in_chans, num_classes=data.num_classes,

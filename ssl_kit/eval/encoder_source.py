@@ -18,19 +18,22 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ssl_kit.encoders import EncoderSpec, build_encoder, init_vit_mae_style, resolve_encoder_spec, select_attention_kernel
+from ssl_kit.encoders import EncoderSpec, build_random_encoder, resolve_encoder_spec, select_attention_kernel
 from ssl_kit.errors import UserError
 from ssl_kit.export import CHECKPOINT_KEY, CONFIG, WEIGHTS
 
 log = logging.getLogger("ssl_kit")
 
+# ``--random_init same``: the checkpoint's / export's own network, untrained
+SAME = "same"
 # Keys an evaluation head may add or drop relative to the pretrained encoder.
 _HEAD_KEYS = ("head.", "fc_norm.", "norm.")
 
 
 @dataclass
 class EncoderSource:
-    """Where the encoder comes from (exactly one of the three)."""
+    """Where the encoder comes from: exactly one of the three, or ``random_init="same"`` with ``ckpt`` or ``encoder``
+    (that network's architecture at its method's own initialisation: the like-for-like baseline)."""
 
     ckpt: str | None = None
     encoder: str | None = None
@@ -38,7 +41,13 @@ class EncoderSource:
     patch_size: int = 16
     encoder_kwargs: dict[str, Any] | None = None
 
+    @property
+    def same_random_init(self) -> bool:
+        return self.random_init == SAME
+
     def describe(self) -> str:
+        if self.same_random_init:
+            return f"random init of the network in {self.ckpt or self.encoder}"
         if self.ckpt:
             return f"checkpoint {self.ckpt}"
         if self.encoder:
@@ -76,19 +85,25 @@ def _read_export(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor]]:
     return EncoderSpec(config["timm_name"], dict(config["kwargs"])), load_file(str(folder / WEIGHTS))
 
 
-def recorded_encoder(source: EncoderSource) -> tuple[EncoderSpec | None, str | None]:
-    """The spec and method name a checkpoint or export was saved with; ``(None, None)`` for a random init."""
+def encoder_record(source: EncoderSource) -> tuple[EncoderSpec | None, dict[str, Any]]:
+    """The spec and the method record (``method``, ``readout``, ``encoder_init``; older files carry only ``method``)
+    of a checkpoint or export; ``(None, {})`` for a named random init."""
     if source.ckpt:
         spec, _, record = read_checkpoint(Path(source.ckpt))
-        return spec, record.get("method")
+        return spec, record
     if source.encoder:
         folder = Path(source.encoder)
         folder = folder.parent if folder.name == CONFIG else folder
         if not (folder / CONFIG).is_file():
             raise UserError(f"{folder} is not an ssl_kit encoder export (needs {CONFIG} and {WEIGHTS}).")
         config = json.loads((folder / CONFIG).read_text())
-        return EncoderSpec(config["timm_name"], dict(config["kwargs"])), config.get("method")
-    return None, None
+        return EncoderSpec(config["timm_name"], dict(config["kwargs"])), config
+    return None, {}
+
+
+# records written before ``encoder_init`` was saved: iBOT kept timm's init, every other method MAE's
+def recorded_init(record: dict[str, Any]) -> str:
+    return record.get("encoder_init") or ("timm" if record.get("method") == "IBOT" else "mae")
 
 
 def load_encoder(
@@ -107,9 +122,13 @@ def load_encoder(
         The model and the spec it was built from (with the overrides applied).
     """
     given = [x for x in (source.ckpt, source.encoder, source.random_init) if x]
-    if len(given) != 1:
-        raise UserError("Give exactly one of --ckpt CHECKPOINT, --encoder EXPORT_DIR or --random_init NAME.")
-    if source.random_init:
+    if source.same_random_init and len(given) != 2:
+        raise UserError("--random_init same evaluates the untrained network of a --ckpt CHECKPOINT or an "
+                        "--encoder EXPORT_DIR: give exactly one of them with it.")
+    if len(given) != 1 and not source.same_random_init:
+        raise UserError("Give exactly one of --ckpt CHECKPOINT, --encoder EXPORT_DIR or --random_init NAME "
+                        "(or --random_init same with one of the first two).")
+    if source.random_init and not source.same_random_init:
         kwargs = {**(source.encoder_kwargs or {}), **overrides}
         given_by_data = {"img_size": img_size, "in_chans": in_chans, "patch_size": source.patch_size}
         for key, value in given_by_data.items():
@@ -117,11 +136,12 @@ def load_encoder(
                 flag = "--patch_size" if key == "patch_size" else f"--data.{key}"
                 raise UserError(f"encoder_kwargs sets {key} but {flag} gives {value}: set it with {flag} only.")
         spec = resolve_encoder_spec(source.random_init, **given_by_data, **kwargs)
-        model = build_encoder(spec, sincos_pos_embed=True)
-        init_vit_mae_style(model)
+        model = build_random_encoder(spec, "mae")
         select_attention_kernel(model, 1 + model.patch_embed.num_patches)
         return model, spec
     spec, state = read_checkpoint(Path(source.ckpt))[:2] if source.ckpt else _read_export(Path(source.encoder))
+    if source.same_random_init:
+        state = build_random_encoder(spec, recorded_init(encoder_record(source)[1])).state_dict()
     trained_chans, trained_size = spec.kwargs.get("in_chans", 3), spec.kwargs.get("img_size")
     if trained_chans != in_chans:
         raise UserError(

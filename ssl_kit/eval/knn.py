@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ssl_kit.eval.features import feature_spread
 from ssl_kit.precision import autocast_dtype, inference_autocast
 
 log = logging.getLogger("ssl_kit")
@@ -72,13 +73,29 @@ def extract_features(
     Returns:
         features ``[N, D]`` (float32, on CPU) and labels ``[N]``.
     """
-    feats, labels = [], []
+    features, labels = extract_readouts(lambda x: {"features": embed(x)}, loader, transform, device, dtype)
+    return features["features"], labels
+
+
+@torch.no_grad()
+def extract_readouts(
+    embed: Callable[[Tensor], dict[str, Tensor]], loader: DataLoader, transform: Callable[[Tensor], Tensor],
+    device: torch.device, dtype: torch.dtype | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """:func:`extract_features` for an ``embed`` that returns several named features per batch (one forward pass).
+
+    Returns:
+        ``{name: [N, D_name]}`` (float32, on CPU) and labels ``[N]``.
+    """
+    feats: dict[str, list[Tensor]] = {}
+    labels = []
     for images, y in loader:
         images = transform(images.to(device))
         with inference_autocast(device, dtype):
-            feats.append(embed(images).float().cpu())
+            for name, value in embed(images).items():
+                feats.setdefault(name, []).append(value.float().cpu())
         labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels)
+    return {name: torch.cat(values) for name, values in feats.items()}, torch.cat(labels)
 
 
 # Feature extraction batch: on 2 CPU cores a ViT forward runs ~20-40 % faster per image at batch 64
@@ -103,13 +120,22 @@ def knn_unscorable(dm: pl.LightningDataModule | None) -> str | None:
     return None
 
 
-class KNNMonitor(pl.Callback):
-    """Log weighted k-NN top-1 of the method's exported encoder at the end of training epochs.
+# mean pairwise cosine above which the monitor warns that the features have (nearly) collapsed: MAE's [CLS] on a
+# working run sits near 0.98 at most, LoMaR's and iBOT's collapsed short-budget runs measured 0.996-0.999
+COLLAPSE_COSINE = 0.99
 
-    Uses the data module's labeled memory / test split (``knn_dataloaders()``) and the
-    method's ``embed`` ([CLS] after the final norm). Under DDP every rank extracts the same
-    features; only the metric is logged (rank-zero identical values). Data it cannot score
-    (:func:`knn_unscorable`) get one log line at the start and no ``knn_top1``.
+
+class KNNMonitor(pl.Callback):
+    """Log weighted k-NN top-1 of the method's exported encoder at the end of training epochs, with a collapse signal.
+
+    Uses the data module's labeled memory / test split (``knn_dataloaders()``) and the method's ``readouts``
+    ([CLS] and mean patch token, one forward pass). Logs ``knn_top1`` (the method's default ``readout``, which the
+    "best" checkpoint follows), ``knn_top1_cls`` and ``knn_top1_avgpool``, and for the default readout of the
+    query images ``feature_cosine`` (mean pairwise cosine) and ``feature_std`` (mean per-dimension spread of the
+    normalised features, :func:`ssl_kit.eval.features.feature_spread`); a warning when the cosine passes
+    :data:`COLLAPSE_COSINE` (once per run). Under DDP every rank extracts the same features; only the metric is logged
+    (rank-zero identical values). Data it cannot score (:func:`knn_unscorable`) get one log line at the start
+    and no ``knn_top1``.
 
     Args:
         k: neighbours.
@@ -120,6 +146,7 @@ class KNNMonitor(pl.Callback):
     def __init__(self, k: int = 20, temperature: float = 0.07, every_n_epochs: int = 1) -> None:
         self.k, self.temperature, self.every_n_epochs = k, temperature, every_n_epochs
         self.unscorable: str | None = None
+        self.warned = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.unscorable = knn_unscorable(trainer.datamodule)
@@ -133,12 +160,19 @@ class KNNMonitor(pl.Callback):
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
         if (epoch + 1) % self.every_n_epochs and not last:
             return
-        top1 = self.evaluate(trainer, pl_module)
-        if top1 is None:
+        scores = self.evaluate(trainer, pl_module)
+        if scores is None:
             return
-        pl_module.log("knn_top1", top1, prog_bar=True, on_epoch=True, sync_dist=False)
+        for name, value in scores.items():
+            pl_module.log(name, value, prog_bar=name == "knn_top1", on_epoch=True, sync_dist=False)
+        if scores["feature_cosine"] > COLLAPSE_COSINE and trainer.is_global_zero and not self.warned:
+            self.warned = True  # once per run
+            log.warning("epoch %d: the %s features have nearly collapsed: mean pairwise cosine %.4f (> %.2f), "
+                        "per-dimension spread %.4f; k-NN reads mostly one shared direction.", epoch,
+                        pl_module.readout, scores["feature_cosine"], COLLAPSE_COSINE, scores["feature_std"])
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """``knn_top1`` (default readout), ``knn_top1_<readout>`` for each readout, ``feature_cosine``, ``feature_std``."""
         dm = trainer.datamodule
         loaders = dm.knn_dataloaders(feature_batch_size(pl_module.device)) if dm is not None and hasattr(dm, "knn_dataloaders") else None
         if loaders is None:
@@ -147,10 +181,15 @@ class KNNMonitor(pl.Callback):
         pl_module.eval()
         dtype = autocast_dtype(trainer.precision)  # the training's precision
         try:
-            train_f, train_y = extract_features(pl_module.embed, loaders[0], dm.eval_images, pl_module.device, dtype)
-            test_f, test_y = extract_features(pl_module.embed, loaders[1], dm.eval_images, pl_module.device, dtype)
+            train_f, train_y = extract_readouts(pl_module.readouts, loaders[0], dm.eval_images, pl_module.device, dtype)
+            test_f, test_y = extract_readouts(pl_module.readouts, loaders[1], dm.eval_images, pl_module.device, dtype)
         finally:
             pl_module.train(was_training)
         num_classes = int(max(train_y.max(), test_y.max())) + 1
-        pred = weighted_knn(train_f, train_y, test_f, num_classes, self.k, self.temperature)[self.k]
-        return float((pred == test_y).float().mean())
+        scores = {}
+        for name in train_f:
+            pred = weighted_knn(train_f[name], train_y, test_f[name], num_classes, self.k, self.temperature)[self.k]
+            scores[f"knn_top1_{name}"] = float((pred == test_y).float().mean())
+        scores["knn_top1"] = scores[f"knn_top1_{pl_module.readout}"]
+        spread = feature_spread(test_f[pl_module.readout])
+        return {**scores, "feature_cosine": spread["mean_cosine"], "feature_std": spread["mean_std"]}

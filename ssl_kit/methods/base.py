@@ -5,7 +5,10 @@ file. What the shared callbacks (k-NN monitor, export, pictures, EMA) rely on is
 
 * ``self.encoder``: the timm VisionTransformer that gets exported and evaluated;
 * ``self.encoder_spec``: how to rebuild it with plain timm;
-* ``embed(images) -> [B, D]``: features for the k-NN monitor and evaluation;
+* ``readout``: the feature its paper evaluates (``cls`` or ``avgpool``, :data:`ssl_kit.eval.features.READOUTS`),
+  ``readouts(images)`` both of them from one forward pass, ``embed(images) -> [B, D]`` the default one (k-NN
+  monitor, Q-score); ``encoder_init`` how a random baseline of the same network is initialised (``mae`` or
+  ``timm``, :func:`ssl_kit.encoders.build_random_encoder`);
 * optionally ``ema_pairs()`` for :class:`ssl_kit.teacher.EMATeacher`.
 
 Extra loss terms (e.g. the Q-score regulariser) are attached from outside with
@@ -15,7 +18,7 @@ returns, right before backward, so no method has to know about them.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -23,7 +26,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from ssl_kit.encoders import EncoderSpec, resolve_encoder_spec
-from ssl_kit.errors import NonFiniteLossError
+from ssl_kit.eval.features import READOUTS, readout_features
+from ssl_kit.errors import NonFiniteLossError, UserError
 from ssl_kit.export import CHECKPOINT_KEY
 from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 
@@ -35,6 +39,18 @@ class SSLMethod(pl.LightningModule):
 
     encoder: VisionTransformer
     encoder_spec: EncoderSpec
+    encoder_init: ClassVar[str] = "mae"  # init of the encoder before training: "mae" (xavier, sin-cos) or "timm"
+
+    @property
+    def readout(self) -> str:
+        """The readout evaluated by default (``--model.readout`` where the method has it, else ``cls``)."""
+        return self.hparams.get("readout", "cls")
+
+    @staticmethod
+    def check_readout(readout: str) -> None:
+        if readout not in READOUTS:
+            raise UserError(f"--model.readout must be one of {', '.join(READOUTS)} (the feature k-NN and probes read "
+                            f"by default), got {readout!r}.")
 
     def add_loss_term(self, name: str, term: Callable[[], Tensor | None]) -> None:
         """Add ``term()`` (a scalar with gradient, or None to skip) to every training loss before backward.
@@ -129,25 +145,32 @@ class SSLMethod(pl.LightningModule):
                 return f"{name}." if name else ""
         raise RuntimeError("export_module() must return a sub-module of the method")
 
+    def encoder_record(self) -> dict[str, Any]:
+        """What evaluation needs to rebuild, read out and re-initialise the exported encoder (checkpoint and
+        export config)."""
+        return {"method": type(self).__name__, "readout": self.readout, "encoder_init": self.encoder_init}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record which encoder the checkpoint carries, so evaluation tools can rebuild it."""
         checkpoint[CHECKPOINT_KEY] = {
-            "method": type(self).__name__,
+            **self.encoder_record(),
             "encoder": {"timm_name": self.encoder_spec.timm_name, "kwargs": dict(self.encoder_spec.kwargs)},
             "export_prefix": self.export_prefix(),
         }
 
     @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
-        """Image features for monitors: [CLS] after the final norm of :meth:`export_module`.
+    def readouts(self, images: Tensor) -> dict[str, Tensor]:
+        """``{"cls": [B, D], "avgpool": [B, D]}`` of :meth:`export_module` (one forward pass).
 
         Args:
             images: ``[B, C, H, W]`` normalised float images.
-
-        Returns:
-            ``[B, D]``.
         """
-        return self.export_module()(images)
+        return readout_features(self.export_module(), images)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Image features for monitors: the method's default :attr:`readout` of :meth:`export_module`, ``[B, D]``."""
+        return self.readouts(images)[self.readout]
 
     def report_loss(self, loss: Tensor, batch_size: int) -> Tensor:
         """Stop on a non-finite loss, log it as ``train_loss`` (step and epoch), and return it."""
@@ -183,7 +206,3 @@ class StudentTeacherMethod(SSLMethod):
 
     def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(self.student, self.teacher)]
-
-    @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
-        return self.teacher.encoder(images)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
@@ -14,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.encoders import EncoderSpec
 from ssl_kit.errors import UserError
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, recorded_encoder
+from ssl_kit.eval.encoder_source import EncoderSource, encoder_record, load_encoder
 from ssl_kit.eval.linear_probe import ValidationTop1
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.optim import adamw_param_groups
@@ -59,7 +58,7 @@ def build_classifier(
     source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
     model, spec = load_encoder(source, img_size, in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate,
                                global_pool=global_pool)
-    saved, _ = recorded_encoder(source)
+    saved, _ = encoder_record(source)
     if saved is not None and saved.kwargs.get("num_classes") == num_classes and saved.kwargs.get("global_pool") == global_pool:
         return model, spec  # a trained classifier (a supervised / UDA / MPL export): its head is kept
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
@@ -101,9 +100,11 @@ class SemiSupervisedClassifier(ValidationTop1, SSLMethod):
         """Logits ``[B, K]`` of the evaluated (exported) model."""
         return self.export_module()(images)
 
-    @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
-        return pre_logits(self.export_module(), images)
+    @property
+    def readout(self) -> str:
+        """The classifier's own input: ``avgpool`` under ``global_pool: avg``, else ``cls`` (equal to timm's
+        ``forward_head(..., pre_logits=True)``)."""
+        return "avgpool" if self.hparams.get("global_pool", "token") == "avg" else "cls"
 
     def check_data(self, needs_unlabeled: bool) -> None:
         """Fail early when the data module does not fit the model (class count, unlabeled stream)."""

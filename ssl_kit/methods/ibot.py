@@ -54,7 +54,10 @@ class IBOT(SSLMethod):
         weight_decay, weight_decay_end: cosine weight-decay schedule per step (0.04 -> 0.4).
         betas: AdamW betas.
         freeze_last_layer_epochs: epochs during which the head's last layer gets no update (1).
+        readout: the feature evaluated by default: ``cls`` (the paper's k-NN and linear probe).
     """
+
+    encoder_init = "timm"  # timm's trunc-normal(0.02) init with a learned position embedding
 
     def __init__(
         self,
@@ -87,10 +90,12 @@ class IBOT(SSLMethod):
         weight_decay_end: float = 0.4,
         betas: tuple[float, float] = (0.9, 0.999),
         freeze_last_layer_epochs: int = 1,
+        readout: Literal["cls", "avgpool"] = "cls",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_settings(self.hparams)
+        self.check_readout(readout)
         low, high = mask_ratio
         require(0.0 <= low <= high < 1.0, f"--model.mask_ratio must be [min, max] fractions of masked patches with "
                 f"0 <= min <= max < 1 (the paper: [0.1, 0.5]), got {list(mask_ratio)}.")

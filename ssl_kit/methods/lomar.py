@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class LoMaR(SSLMethod):
         patch_size: patch side p.
         in_chans: image channels (linked from the data module by the CLI).
         encoder_kwargs: VisionTransformer overrides, e.g. ``{depth: 6}``.
-        window_size: K, window side in patches (7 in the paper); clamped to the grid with a warning.
+        window_size: K, window side in patches (7 in the paper); at most the patch grid's side.
         num_windows: M windows per image (4 in the paper), distinct positions per image.
         mask_ratio: fraction of each window's patches masked (``int(K*K*ratio)``: 39 of 49 at 0.8).
         norm_pix_loss: per-patch normalised pixel targets.
@@ -70,6 +70,8 @@ class LoMaR(SSLMethod):
         betas: AdamW betas.
         warmup_epochs: linear warmup length (the paper: 5 % of the epochs).
         min_lr: cosine floor.
+        readout: the feature evaluated by default: ``avgpool``, as the reference fine-tunes (the loss reads only
+            patch tokens, so the [CLS] output of the last block gets no gradient).
     """
 
     def __init__(
@@ -89,10 +91,12 @@ class LoMaR(SSLMethod):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 0.25,
         min_lr: float = 0.0,
+        readout: Literal["cls", "avgpool"] = "avgpool",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_settings(self.hparams)
+        self.check_readout(readout)
         self.encoder_spec = irpe_spec(self.make_encoder_spec(encoder, img_size, patch_size, in_chans, encoder_kwargs),
                                       rpe_ratio)
         self.encoder = build_encoder(self.encoder_spec)

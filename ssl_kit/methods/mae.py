@@ -1,7 +1,7 @@
 """MAE: masked autoencoder pretraining (He et al. 2021), METHODS.md section 1."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -42,6 +42,8 @@ class MAE(SSLMethod):
         betas: AdamW betas.
         warmup_epochs: linear warmup length (fractional epochs allowed).
         min_lr: cosine floor.
+        readout: the feature evaluated by default (k-NN monitor, ``ssl-knn --feature auto``): ``cls`` as the
+            paper's linear probe (the reference fine-tunes on ``avgpool``).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class MAE(SSLMethod):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 1.0,
         min_lr: float = 0.0,
+        readout: Literal["cls", "avgpool"] = "cls",
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -68,6 +71,7 @@ class MAE(SSLMethod):
                             f"got {mask_ratio}.")
         self.save_hyperparameters()
         check_settings(self.hparams)
+        self.check_readout(readout)
         spec = self.make_encoder_spec(encoder, img_size, patch_size, in_chans, encoder_kwargs)
         self.encoder = build_encoder(spec, sincos_pos_embed=True)
         init_vit_mae_style(self.encoder)
