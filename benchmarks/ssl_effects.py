@@ -11,10 +11,10 @@ For each recipe and seed: ``ssl-pretrain --recipe R --seed_everything S`` (timed
 Feature extraction runs in the precision ssl-knn picks (bf16 where the CPU has it natively).
 
 Usage (2 CPU cores: ~10 min of pretraining per run, ~2-5 min of feature extraction per network):
-    python benchmarks/ssl_effects.py --recipes ibot lomar --seeds 0 1 --probe
+    python benchmarks/ssl_effects.py --recipes mae lomar ibot --seeds 0 1 --probe default
     python benchmarks/ssl_effects.py --recipes ibot --seeds 0 --tag ibot_m099 -- --trainer.max_epochs 3
 An existing run folder with an ``encoder/`` is evaluated, not retrained (its pretraining time is read from
-``bench_wall.json``). Writes benchmarks/results/ssl_effects[_TAG].json and .md.
+``bench_wall.json``); features once extracted are kept in it (``bench_*features.pt``). Writes benchmarks/results/ssl_effects[_TAG].json and .md.
 """
 from __future__ import annotations
 
@@ -57,18 +57,31 @@ def readouts_of(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype
                                 torch.device("cpu"), dtype)[0]
 
 
-def score(model: torch.nn.Module, data: dict[str, torch.Tensor], dtype: torch.dtype | None, probe: bool) -> dict[str, Any]:
-    start = time.perf_counter()
-    train_f, test_f = readouts_of(model, data["train_x"], dtype), readouts_of(model, data["test_x"], dtype)
-    row: dict[str, Any] = {"extract_s": round(time.perf_counter() - start, 1)}
+def score(model: torch.nn.Module, data: dict[str, torch.Tensor], dtype: torch.dtype | None, probe: list[str],
+          cache: Path) -> dict[str, Any]:
+    """k-NN and spread of both readouts, the cached linear probe of the readouts in ``probe``. Features are kept in
+    ``cache`` (a later call on the same network reads them; the extraction time is kept with them)."""
+    if cache.is_file():
+        saved = torch.load(cache)
+        train_f, test_f, extract_s = saved["train"], saved["test"], saved["extract_s"]
+    else:
+        start = time.perf_counter()
+        train_f, test_f = readouts_of(model, data["train_x"], dtype), readouts_of(model, data["test_x"], dtype)
+        extract_s = round(time.perf_counter() - start, 1)
+        torch.save({"train": train_f, "test": test_f, "extract_s": extract_s}, cache)
+    row: dict[str, Any] = {"extract_s": extract_s}
     for name in READOUTS:
         row[f"knn_{name}"] = knn_top1(train_f[name], data["train_y"], test_f[name], data["test_y"])
         spread = feature_spread(test_f[name])
         row[f"cosine_{name}"], row[f"std_{name}"] = round(spread["mean_cosine"], 4), round(spread["mean_std"], 4)
-        if probe:
+        if name in probe:
             row[f"probe_{name}"] = round(cached_probe(train_f[name], data["train_y"], test_f[name], data["test_y"]), 4)
     print({k: v for k, v in row.items()}, flush=True)
     return row
+
+
+def probes(choice: str, readout: str) -> list[str]:
+    return {"none": [], "default": [readout], "both": list(READOUTS)}[choice]
 
 
 def pretrain(recipe: str, seed: int, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -92,24 +105,24 @@ def mean_spread(values: list[float]) -> str:
 
 def table(result: dict[str, Any]) -> str:
     """Markdown: per recipe, pretrained (mean ± std over seeds) vs own random init, each readout."""
-    probe = any("probe_cls" in row for row in result["runs"])
-    cols = ["k-NN cls", "k-NN avgpool"] + (["probe cls", "probe avgpool"] if probe else []) + ["cosine (default)", "minutes"]
+    probe = any(key.startswith("probe_") for row in result["runs"] for key in row)
+    cols = ["k-NN cls", "k-NN avgpool"] + (["probe (default)"] if probe else []) + ["cosine (default)", "minutes"]
     lines = [f"| recipe (default readout) | network | {' | '.join(cols)} |", "|" + "---|" * (len(cols) + 2)]
     for recipe, readout in result["readouts"].items():
         runs = [r for r in result["runs"] if r["recipe"] == recipe]
         if not runs:
             continue
-        keys = ["knn_cls", "knn_avgpool"] + (["probe_cls", "probe_avgpool"] if probe else [])
-        cells = [mean_spread([r[k] for r in runs]) for k in keys]
+        keys = ["knn_cls", "knn_avgpool"] + ([f"probe_{readout}"] if probe else [])
+        cells = [mean_spread([r[k] for r in runs]) if all(k in r for r in runs) else "" for k in keys]
         cos = statistics.mean(r[f"cosine_{readout}"] for r in runs)
         minutes = statistics.mean(r["pretrain_wall_s"] for r in runs) / 60
         lines.append(f"| {recipe} ({readout}) | pretrained, {len(runs)} seed(s) | {' | '.join(cells)} | {cos:.3f} | {minutes:.1f} |")
         base = result["random_init"].get(recipe)
         if base is None:
             continue
-        cells = [f"{100 * base[k]:.2f}" for k in keys]
+        cells = [f"{100 * base[k]:.2f}" if k in base else "" for k in keys]
         lines.append(f"| {recipe} | own random init | {' | '.join(cells)} | {base[f'cosine_{readout}']:.3f} | |")
-    lines.append(f"| raw pixels | | {100 * result['raw_pixels_knn']:.2f} | | " + ("| | " if probe else "") + "| |")
+    lines.append(f"| raw pixels | | {100 * result['raw_pixels_knn']:.2f} | | " + ("| " if probe else "") + "| |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,7 +132,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--out", default="runs/bench_effects", help="run folders: OUT/[TAG_]RECIPE_sSEED")
     parser.add_argument("--tag", default="", help="names the run folders and the result file of a variant")
-    parser.add_argument("--probe", action="store_true", help="also the cached linear probe (LARS, 90 epochs) per readout")
+    parser.add_argument("--probe", choices=["none", "default", "both"], default="none",
+                        help="cached linear probe (LARS, 90 epochs, ~1-2 min each) on the method's default readout "
+                             "or on both readouts")
     parser.add_argument("--no_baseline", action="store_true", help="skip the own-random-init rows (a variant of a recipe "
                         "whose baseline is already measured: the init does not depend on the recipe's training settings)")
     parser.add_argument("overrides", nargs="*", help="extra ssl-pretrain overrides for every run (after --)")
@@ -148,12 +163,13 @@ def main() -> None:
             print(f"{recipe} seed {seed}: pretrained", flush=True)
             model, _ = load_encoder(source, 32, 1)
             result["runs"].append({"recipe": recipe, "seed": seed, "readout": readout, **record, "run_dir": str(run_dir),
-                                   **score(model, data, dtype, args.probe)})
+                                   **score(model, data, dtype, probes(args.probe, readout), run_dir / "bench_features.pt")})
             if recipe not in result["random_init"] and not args.no_baseline:  # one draw (the first seed's) of the network's own init
                 print(f"{recipe}: own random init", flush=True)
                 torch.manual_seed(seed)
                 baseline, _ = load_encoder(EncoderSource(encoder=str(run_dir / "encoder"), random_init="same"), 32, 1)
-                result["random_init"][recipe] = {"seed": seed, **score(baseline, data, dtype, args.probe)}
+                result["random_init"][recipe] = {"seed": seed, **score(baseline, data, dtype, probes(args.probe, readout),
+                                                                       run_dir / "bench_random_init_features.pt")}
             RESULTS.mkdir(exist_ok=True)
             (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(f"`{result['command']}`\n\n" + table(result))
