@@ -33,8 +33,10 @@ def test_ibot_recipe_runs_logs_schedules_and_exports_the_teacher(tmp_path):
     momentum = [float(r["teacher_momentum"]) for r in rows if r.get("teacher_momentum")]
     wd = [float(r["weight_decay"]) for r in rows if r.get("weight_decay")]
     assert len(momentum) == 6 and momentum == sorted(momentum)  # one update per optimizer step
-    assert momentum[0] == pytest.approx(0.996, abs=1e-6) and momentum[-1] == pytest.approx(cosine_momentum(5, 6), abs=1e-6)
-    assert wd[0] == pytest.approx(0.04) and wd == sorted(wd) and wd[-1] < 0.4
+    # the short-run recipe: momentum 0.98 -> 1, constant weight decay 0.04 (ibot_224 keeps the paper's 0.996, 0.04 -> 0.4)
+    assert momentum[0] == pytest.approx(0.98, abs=1e-6)
+    assert momentum[-1] == pytest.approx(cosine_momentum(5, 6, base=0.98), abs=1e-6)
+    assert wd == pytest.approx([0.04] * len(wd))
     assert any(r.get("knn_top1") for r in rows) and any(r.get("patch_loss_step") for r in rows)
     assert (run / "pictures" / "epoch_001.png").is_file()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)

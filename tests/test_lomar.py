@@ -192,7 +192,9 @@ def test_export_loads_in_timm_and_runs_at_any_resolution(tmp_path):
                             pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")), **cfg["kwargs"]).eval()
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(enc(x), model.embed(x), atol=1e-5)
+        assert torch.allclose(enc(x), model.readouts(x)["cls"], atol=1e-5)  # timm's [CLS] head input
+        tokens = enc.forward_features(x)
+        assert torch.allclose(tokens[:, 1:].mean(dim=1), model.embed(x), atol=1e-5)  # LoMaR's readout: avgpool
         # a larger evaluation grid needs no interpolation: the same weights load strictly at 48 px
         big = timm.create_model(cfg["timm_name"], **dict(cfg["kwargs"], img_size=48)).eval()
         big.load_state_dict(enc.state_dict(), strict=True)
