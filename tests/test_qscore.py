@@ -70,16 +70,10 @@ MAKERS = [
 ]
 
 
-@pytest.mark.parametrize("make", MAKERS, ids=["mae", "lomar"])
-def test_enabling_it_adds_exactly_the_regulariser_to_any_method(make, monkeypatch):
-    """``features='training'``, raw space, sums: the paper's regulariser on the [CLS] of the method's own passes."""
-    torch.manual_seed(0)
-    model = make().train()
-    reg = QScoreRegularizer(lambda1=1e-2, lambda2=1e-2)  # defaults: the paper's, on the training passes' raw [CLS]
+def loss_seen_by_backward(model, reg, images, monkeypatch, before_forward=lambda: None):
+    """Attach ``reg``, run one forward of ``images`` and ``model.backward``; the method's loss and what backward got."""
     reg.setup(None, model, "fit")
-    captured = {}
-    model.encoder.norm.register_forward_hook(lambda m, a, out: captured.update(cls=out[:, 0]) and None)
-    images = torch.randn(4, 1, 32, 32)
+    before_forward()
     reg.on_train_batch_start(None, model, (images, None), 0)
     out = model(images)
     loss = out[0] if isinstance(out, tuple) else out.loss
@@ -87,6 +81,18 @@ def test_enabling_it_adds_exactly_the_regulariser_to_any_method(make, monkeypatc
     model._trainer = FakeTrainer()
     monkeypatch.setattr("pytorch_lightning.LightningModule.backward", lambda self, l, *a, **k: seen.append(l))
     model.backward(loss)
+    return loss, seen
+
+
+@pytest.mark.parametrize("make", MAKERS, ids=["mae", "lomar"])
+def test_enabling_it_adds_exactly_the_regulariser_to_any_method(make, monkeypatch):
+    """``features='training'``, raw space, sums: the paper's regulariser on the [CLS] of the method's own passes."""
+    torch.manual_seed(0)
+    model = make().train()
+    reg = QScoreRegularizer(lambda1=1e-2, lambda2=1e-2)  # defaults: the paper's, on the training passes' raw [CLS]
+    captured = {}
+    hook = lambda: model.encoder.norm.register_forward_hook(lambda m, a, out: captured.update(cls=out[:, 0]) and None)  # noqa: E731
+    loss, seen = loss_seen_by_backward(model, reg, torch.randn(4, 1, 32, 32), monkeypatch, hook)
     expected = loss + qscore_regularizer(captured["cls"], 1e-2, 1e-2) / 2  # divided by gradient accumulation
     assert seen[0].item() == pytest.approx(expected.item(), rel=1e-6)
     assert seen[0].item() != pytest.approx(loss.item(), rel=1e-9)
@@ -102,15 +108,8 @@ def test_full_image_regulariser_scores_the_readout_in_the_standardized_space(mak
     torch.manual_seed(0)
     model = make().train()
     reg = QScoreRegularizer(lambda1=0.2, lambda2=0.02, features="full", space="standardized", reduction="mean")
-    reg.setup(None, model, "fit")
     images = torch.randn(6, 1, 32, 32)
-    reg.on_train_batch_start(None, model, (images, None), 0)
-    out = model(images)
-    loss = out[0] if isinstance(out, tuple) else out.loss
-    seen = []
-    model._trainer = FakeTrainer()
-    monkeypatch.setattr("pytorch_lightning.LightningModule.backward", lambda self, l, *a, **k: seen.append(l))
-    model.backward(loss)
+    loss, seen = loss_seen_by_backward(model, reg, images, monkeypatch)
     h = readout_features(model.encoder, images)[model.readout]  # [CLS] for MAE, mean patch token for LoMaR
     expected = loss + qscore_regularizer(standardize_rectify(h), 0.2, 0.02, reduction="mean") / 2
     assert seen[0].item() == pytest.approx(expected.item(), rel=1e-5)

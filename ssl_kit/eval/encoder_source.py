@@ -77,12 +77,12 @@ def read_checkpoint(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor], d
     return EncoderSpec(enc["timm_name"], dict(enc["kwargs"])), state, record
 
 
-def _read_export(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor]]:
+def _read_export(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor], dict[str, Any]]:
     folder = path.parent if path.name == CONFIG else path
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise UserError(f"{folder} is not an ssl_kit encoder export (needs {CONFIG} and {WEIGHTS}).")
     config = json.loads((folder / CONFIG).read_text())
-    return EncoderSpec(config["timm_name"], dict(config["kwargs"])), load_file(str(folder / WEIGHTS))
+    return EncoderSpec(config["timm_name"], dict(config["kwargs"])), load_file(str(folder / WEIGHTS)), config
 
 
 def encoder_record(source: EncoderSource) -> tuple[EncoderSpec | None, dict[str, Any]]:
@@ -139,9 +139,9 @@ def load_encoder(
         model = build_random_encoder(spec, "mae")
         select_attention_kernel(model, 1 + model.patch_embed.num_patches)
         return model, spec
-    spec, state = read_checkpoint(Path(source.ckpt))[:2] if source.ckpt else _read_export(Path(source.encoder))
+    spec, state, record = read_checkpoint(Path(source.ckpt)) if source.ckpt else _read_export(Path(source.encoder))
     if source.same_random_init:
-        state = build_random_encoder(spec, recorded_init(encoder_record(source)[1])).state_dict()
+        state = build_random_encoder(spec, recorded_init(record)).state_dict()
     trained_chans, trained_size = spec.kwargs.get("in_chans", 3), spec.kwargs.get("img_size")
     if trained_chans != in_chans:
         raise UserError(
