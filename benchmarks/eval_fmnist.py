@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ssl_kit.data.classification import ClassificationDataModule, balanced_subset
 from ssl_kit.data.module import EpochSeededRandomSampler
 from ssl_kit.eval.cli import extract_split_features, finetune_main, knn_main, linear_probe_main
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder
+from ssl_kit.encoders import EncoderSource, load_encoder
 from ssl_kit.eval.knn import weighted_knn
 from ssl_kit.eval.linear_probe import LinearProbe
 from ssl_kit.runtime import tune_cpu_allocator

@@ -27,9 +27,13 @@ from eval_fmnist import cached_probe  # same folder
 from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_features, weighted_knn
-from ssl_kit.export import load_exported_encoder
-from ssl_kit.encoders import EncoderSpec, build_random_encoder, select_attention_kernel
-from ssl_kit.eval.encoder_source import recorded_init
+from ssl_kit.encoders import (
+    EncoderSpec,
+    build_random_encoder,
+    load_exported_encoder,
+    recorded_init,
+    select_attention_kernel,
+)
 from ssl_kit.precision import autocast_dtype, resolve_precision
 
 RESULTS = Path(__file__).parent / "results"

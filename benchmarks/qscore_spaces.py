@@ -30,7 +30,7 @@ from torchmetrics.functional.classification import binary_auroc
 from ssl_effects import readouts_of  # same folder
 from ssl_kit.data.fashion_mnist import load_fashion_mnist
 from ssl_kit.data.module import EpochSeededRandomSampler
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder
+from ssl_kit.encoders import EncoderSource, load_encoder
 from ssl_kit.eval.linear_probe import LinearProbe
 from ssl_kit.losses.qscore import qscore
 from ssl_kit.precision import autocast_dtype, resolve_precision

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from ssl_kit.data import SegmentationDataModule
-from ssl_kit.encoders import set_sincos_pos_embed
-from ssl_kit.eval.encoder_source import load_encoder
+from ssl_kit.encoders import load_encoder, set_sincos_pos_embed
 from ssl_kit.eval.knn import weighted_knn
 from ssl_kit.heads.segmentation import vit_feature_map
 from ssl_kit.methods import U2PL

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ssl_kit.data.semi import SemiSupervisedDataModule
-from ssl_kit.export import load_exported_encoder
+from ssl_kit.encoders import load_exported_encoder
 
 RESULTS = Path(__file__).parent / "results"
 # a method name ending in this continues from the supervised run of the same labels / start / seed (head included):

@@ -6,7 +6,7 @@ For each recipe and seed: ``ssl-pretrain --recipe R --seed_everything S`` (timed
   * the same figures for the method's OWN network at its OWN initialisation (``ssl-knn --random_init same``:
     iRPE ViT for LoMaR, timm init for iBOT, MAE init and sin-cos table for MAE), drawn with ``torch.manual_seed(S)``,
   * the collapse figures of each feature set (mean pairwise cosine, mean per-dimension spread of the
-    normalised test features, :func:`ssl_kit.eval.features.feature_spread`),
+    normalised test features, :func:`ssl_kit.encoders.features.feature_spread`),
   * raw pixels (the normalised 32 x 32 input) as the common reference.
 Feature extraction runs in the precision ssl-knn picks (bf16 where the CPU has it natively).
 
@@ -33,9 +33,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from eval_fmnist import cached_probe  # same folder
 from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
-from ssl_kit.encoders import select_attention_kernel
-from ssl_kit.eval.encoder_source import EncoderSource, encoder_record, load_encoder
-from ssl_kit.eval.features import READOUTS, feature_spread, readout_features
+from ssl_kit.encoders import EncoderSource, encoder_record, load_encoder, select_attention_kernel
+from ssl_kit.encoders.features import READOUTS, feature_spread, readout_features
 from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_readouts, weighted_knn
 from ssl_kit.precision import autocast_dtype, resolve_precision
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ssl_kit.data.augment import WeakStrongAugment
 from ssl_kit.data.classification import ClassificationDataModule
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder
+from ssl_kit.encoders import EncoderSource, load_encoder
 from ssl_kit.eval.finetune import layer_decay_param_groups
 from ssl_kit.precision import autocast_dtype, resolve_precision
 

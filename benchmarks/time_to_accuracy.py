@@ -37,7 +37,7 @@ import torch
 from pretrain_knn import feature_dtype, features, knn_top1  # same folder
 from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
-from ssl_kit.export import load_exported_encoder
+from ssl_kit.encoders import load_exported_encoder
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.791  # official MAE code, 10 minutes on this kind of machine

@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-from ssl_kit import rpe as _rpe  # noqa: E402,F401  (registers the iRPE ViT with timm)
+from ssl_kit import encoders as _encoders  # noqa: E402,F401  (registers the iRPE ViT with timm)

@@ -1,5 +1,7 @@
-"""Callbacks shared by every method: pictures per epoch, the end-of-training encoder export, and the checkpoint
-written when the run is told to stop (SIGTERM)."""
+"""Callbacks shared by every method: the end-of-training encoder export and the checkpoint written when the run is
+told to stop (SIGTERM); and the per-epoch pictures that methods add through ``SSLMethod.method_callbacks``, each
+showing what one method hook returns (``reconstruction_panels``, ``pseudo_labeller``, ``reliability_maps``,
+``detection_panels``)."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +18,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ssl_kit.export import export_encoder
+from ssl_kit.encoders import export_encoder
+from ssl_kit.runtime import eval_mode
 from ssl_kit.viz import save_detection_grid, save_panel_grid, save_pseudo_label_grid, save_segmentation_grid
 
 log = logging.getLogger("ssl_kit")
@@ -39,19 +42,13 @@ class ReconstructionPictures(pl.Callback):
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
-        if not hasattr(pl_module, "reconstruction_panels") or dm is None:
+        if dm is None:
             return
         dataset = dm.knn_test_set if getattr(dm, "knn_test_set", None) is not None else dm.train_set
         images = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
-        was_training = pl_module.training
-        pl_module.eval()
-        rng = torch.random.get_rng_state()
-        try:
+        with torch.random.fork_rng(devices=[]), eval_mode(pl_module):
             torch.manual_seed(0)  # the same masks every epoch, so epochs compare
             panels = pl_module.reconstruction_panels(dm.eval_images(images.to(pl_module.device)))
-        finally:
-            torch.random.set_rng_state(rng)
-            pl_module.train(was_training)
         save_panel_grid(panels, self.out_dir / f"epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
 
 
@@ -73,33 +70,29 @@ class PseudoLabelPictures(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         unlabeled = getattr(dm, "unlabeled_set", None)
-        if unlabeled is None or not hasattr(pl_module, "pseudo_labeller"):
+        if unlabeled is None:
             return
         images = torch.stack([unlabeled[i][0] for i in range(min(self.num_images, len(unlabeled)))])
         model, threshold = pl_module.pseudo_labeller()
-        was_training = model.training
-        model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), eval_mode(model):
             torch.manual_seed(0)  # the same views every epoch, so epochs compare
             augment = dm.augment.to(pl_module.device)
             images = images.to(pl_module.device)
             weak, strong = augment.weak_and_strong(images)
             probs = model(weak).softmax(dim=-1)
-        model.train(was_training)
         save_pseudo_label_grid(weak, strong, probs, dm.classes, threshold,
                                self.out_dir / f"pseudo_labels_epoch_{trainer.current_epoch:03d}.png", dm.mean, dm.std)
 
 
 class ValidationPictures(pl.Callback, ABC):
-    """Each epoch, draw what the method makes of the first ``num_images`` validation items into
-    ``out_dir/{name}_epoch_NNN.png``; subclasses say which method hook they need and how to draw.
+    """Each epoch, picture what the method makes of the first ``num_images`` validation items in
+    ``out_dir/{name}_epoch_NNN.png``; subclasses say how (:meth:`save_picture`).
 
     Args:
         out_dir: folder of the PNGs.
         num_images: rows per picture.
     """
 
-    hook = ""
     name = ""
 
     def __init__(self, out_dir: str | Path, num_images: int = 6) -> None:
@@ -110,23 +103,23 @@ class ValidationPictures(pl.Callback, ABC):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         val = getattr(dm, "val_set", None)
-        if val is None or not hasattr(pl_module, self.hook):
+        if val is None:
             return
         samples = [val[i] for i in range(min(self.num_images, len(val)))]
-        self.draw(dm, pl_module, samples, self.out_dir / f"{self.name}_epoch_{trainer.current_epoch:03d}.png")
+        self.save_picture(dm, pl_module, samples, self.out_dir / f"{self.name}_epoch_{trainer.current_epoch:03d}.png")
 
     @abstractmethod
-    def draw(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
-        """Draw ``samples`` (validation items as the data set returns them) into ``path``."""
+    def save_picture(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
+        """Save a picture of ``samples`` (validation items as the data set returns them) as ``path``."""
 
 
 class SegmentationPictures(ValidationPictures):
     """``segmentation_epoch_NNN.png``: validation images with their ground truth and what the method's teacher
     makes of them (``reliability_maps``): pseudo label, entropy, reliable mask."""
 
-    hook, name = "reliability_maps", "segmentation"
+    name = "segmentation"
 
-    def draw(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
+    def save_picture(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
         images, masks = dm.on_after_batch_transfer(
             (torch.stack([s[0] for s in samples]).to(pl_module.device), torch.stack([torch.as_tensor(s[1]) for s in samples])),
             0)
@@ -139,12 +132,12 @@ class DetectionPictures(ValidationPictures):
     """``detection_epoch_NNN.png``: validation images with their ground-truth boxes, the teacher's pseudo-box
     candidates (score / uncertainty) and the student's detections (``detection_panels``)."""
 
-    hook, name = "detection_panels", "detection"
+    name = "detection"
 
     def __init__(self, out_dir: str | Path, num_images: int = 4) -> None:
         super().__init__(out_dir, num_images)
 
-    def draw(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
+    def save_picture(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
         images = dm.eval_images(torch.stack([s[0] for s in samples]).to(pl_module.device))
         panels = pl_module.detection_panels(images)
         hp = pl_module.hparams

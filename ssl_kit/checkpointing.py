@@ -1,4 +1,4 @@
-"""Checkpoint files that survive a killed process: written whole or not at all.
+"""Checkpoint files: written whole or not at all, and checked before a run resumes from one.
 
 Lightning's own ``TorchCheckpointIO`` serialises into memory and moves a file written under the system's temporary
 folder onto the target, which is a copy (not a rename) whenever the run folder is on another file system (a cluster's
@@ -13,13 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.types import _PATH
+
+from ssl_kit.encoders import CHECKPOINT_KEY
+from ssl_kit.errors import UserError
 
 log = logging.getLogger("ssl_kit")
 
@@ -99,3 +104,66 @@ def remove_partial_writes(run_dir: Path) -> list[Path]:
         log.info("removed %d checkpoint write(s) cut short by a killed process: %s", len(leftovers),
                  ", ".join(p.name for p in leftovers))
     return leftovers
+
+
+# ----------------------------------------------------------------- resuming: one clear error before training
+def checkpoint_readable(path: Path) -> bool:
+    """Whether ``path`` is a complete PyTorch checkpoint file: torch.save writes a zip archive whose directory
+    comes last, so a file cut short by a crash or a full disk has none."""
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def require_readable_checkpoint(path: Path) -> None:
+    """One clear error, before anything is built or written, for a --ckpt_path that cannot be resumed."""
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {path}: no such file. Pass a checkpoint of this run (RUN/checkpoints/last.ckpt), "
+                        "or --ckpt_path last --run_dir RUN for the newest one.")
+    if not checkpoint_readable(path):
+        raise UserError(f"--ckpt_path {path} is not a readable checkpoint (cut short while it was written, or not a "
+                        "PyTorch file). --ckpt_path last --run_dir RUN resumes the newest readable checkpoint of a run.")
+
+
+def newest_checkpoint(run_dir: Path) -> str | None:
+    """``--ckpt_path last``: the newest readable one of ``RUN/checkpoints/last*.ckpt`` and the checkpoints Lightning
+    writes on SLURM's requeue signal (``RUN/hpc_ckpt_N.ckpt``), saying which unreadable ones it passed over; None when
+    the run folder has neither (first start); a UserError when it has only unreadable ones.
+
+    Lightning's own ``ckpt_path="last"`` ignores hpc_ckpt files, and its SLURM auto-resume (``ckpt_path=None``)
+    takes the highest hpc_ckpt even when last.ckpt is newer, hence the modification-time choice here.
+    """
+    found = sorted([*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")],
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in found:
+        if checkpoint_readable(path):
+            return str(path)
+        log.warning("--ckpt_path last: %s is not a readable checkpoint (cut short?); trying an older one", path)
+    if found:
+        raise UserError(f"--ckpt_path last: none of the checkpoints of {run_dir} is readable "
+                        f"({', '.join(p.name for p in found)}); move them away to start this run afresh.")
+    return None
+
+
+def require_matching_checkpoint(model: pl.LightningModule, path: Path) -> None:
+    """One clear error, before training, when the checkpoint to resume was not written by this method with this
+    architecture (Lightning would stop with a KeyError or a 40-line size-mismatch traceback)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        raise UserError(f"--ckpt_path {path} is not a training checkpoint (no Lightning training state): resume from "
+                        "RUN/checkpoints/last.ckpt, or start from an encoder with the method's --model.init_from.")
+    saved_class = ckpt.get(CHECKPOINT_KEY, {}).get("method")  # SSLMethod.on_save_checkpoint records it
+    this_class = type(model).__name__
+    if saved_class and saved_class != this_class:
+        raise UserError(f"--ckpt_path {path} is a {saved_class} checkpoint but this run trains {this_class}: pass the "
+                        f"recipe that wrote it, or a checkpoint of {this_class}.")
+    saved, here = ckpt["state_dict"], model.state_dict()
+    missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise UserError(f"--ckpt_path {path} does not fit this {this_class}: {len(missing)} weights missing, "
+                        f"{len(unexpected)} unexpected (e.g. {example}). Resume with the settings the run was "
+                        "started with (RUN/config.yaml).")
+    for name, tensor in here.items():
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            raise UserError(f"--ckpt_path {path} does not fit this {this_class}: {name} is {list(saved[name].shape)} in "
+                            f"the checkpoint and {list(tensor.shape)} here. Resume with the settings the run was "
+                            "started with (RUN/config.yaml).")

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import warnings
-import zipfile
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Sequence
@@ -27,19 +26,19 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ssl_kit.callbacks import (CheckpointOnSignal, DetectionPictures, EncoderExport, PseudoLabelPictures,
-                               ReconstructionPictures, SegmentationPictures)
-from ssl_kit.checkpointing import remove_partial_writes
+from ssl_kit.callbacks import CheckpointOnSignal, EncoderExport
+from ssl_kit.checkpointing import (newest_checkpoint, remove_partial_writes, require_matching_checkpoint,
+                                   require_readable_checkpoint)
 from ssl_kit.data.resumable import RestoreLoaderPosition
-from ssl_kit.errors import UserError
-from ssl_kit.export import CHECKPOINT_KEY
+from ssl_kit.errors import UserError, find_user_error
 from ssl_kit.eval.knn import KNNMonitor, knn_unscorable
 from ssl_kit.qscore import QScoreMonitor, QScoreRegularizer
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.precision import Trainer
-from ssl_kit.runtime import tune_cpu_allocator
+from ssl_kit.runtime import setup_logging, tune_cpu_allocator
+from ssl_kit.teacher import EMATeacher
 
 log = logging.getLogger("ssl_kit")
 
@@ -83,24 +82,6 @@ def pop_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
             out.append(arg)
         i += 1
     return value, out
-
-
-def drop_advertisements(record: logging.LogRecord) -> bool:
-    """Lightning >= 2.6 logs a tip to install its cloud logger at every Trainer start: noise before each run."""
-    return not str(record.msg).startswith("💡 Tip:")
-
-
-def setup_logging() -> None:
-    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if drop_advertisements not in lightning.filters:
-        lightning.addFilter(drop_advertisements)
-    logger = logging.getLogger("ssl_kit")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[ssl_kit] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 class PretrainCLI(LightningCLI):
@@ -155,9 +136,9 @@ class PretrainCLI(LightningCLI):
         knn_every = int(self.config.get("knn_every_n_epochs", 1))
         # k-NN on data it cannot score (no labeled held-out split, one class) would log a meaningless top-1 and
         # pick a "best" checkpoint by it: the best is then simply the last
-        self.unscored = knn_unscorable(dm) if knn_every > 0 and not hasattr(self.model, "checkpoint_monitor") else None
-        monitor = ("knn_top1", "max") if knn_every > 0 else ("train_loss_epoch", "min")
-        monitor = getattr(self.model, "checkpoint_monitor", monitor)  # classifiers follow their val_top1
+        method_monitor = self.model.checkpoint_monitor  # classifiers follow their val_top1, U2PL its mIoU, ...
+        self.unscored = knn_unscorable(dm) if knn_every > 0 and method_monitor is None else None
+        monitor = method_monitor or (("knn_top1", "max") if knn_every > 0 else ("train_loss_epoch", "min"))
         if hasattr(dm, "save_subset"):
             save_labeled_subset(dm, run_dir)
         checkpoints = run_dir / "checkpoints"
@@ -185,19 +166,14 @@ class PretrainCLI(LightningCLI):
             callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
         if knn_every > 0 and not self.unscored and getattr(dm, "has_labels", False):
             callbacks.append(KNNMonitor(every_n_epochs=knn_every))
-        if hasattr(self.model, "reconstruction_panels"):
-            callbacks.append(ReconstructionPictures(run_dir / "pictures"))
-        if hasattr(self.model, "pseudo_labeller"):
-            callbacks.append(PseudoLabelPictures(run_dir / "pictures"))
-        if hasattr(self.model, "reliability_maps"):
-            callbacks.append(SegmentationPictures(run_dir / "pictures"))
-        if hasattr(self.model, "detection_panels"):
-            callbacks.append(DetectionPictures(run_dir / "pictures"))
+        callbacks += self.model.method_callbacks(run_dir / "pictures")  # its pictures and EMA teacher
+        if sum(isinstance(c, EMATeacher) for c in callbacks) > 1:
+            raise UserError(f"{type(self.model).__name__} brings its own EMA teacher; remove ssl_kit.teacher.EMATeacher "
+                            "from --trainer.callbacks (it would update the teacher twice per step) and set its momentum "
+                            "with the method's settings (e.g. --model.teacher_momentum, --model.ema_decay).")
         callbacks.append(EncoderExport(run_dir / "encoder"))
         if self.config.get("qscore"):
             callbacks += [QScoreRegularizer(), QScoreMonitor(run_dir / "pictures")]
-        for extra in self.model.default_callbacks() if hasattr(self.model, "default_callbacks") else []:
-            callbacks.append(extra)
         logger = self.config_init["trainer"].get("logger")
         if logger in (None, True):
             keep_earlier_metrics(run_dir)
@@ -241,32 +217,6 @@ def require_writable_folder(run_dir: Path) -> None:
     except OSError as err:
         raise UserError(f"--run_dir {run_dir} cannot be written ({err.strerror} in {existing}): pass a folder you "
                         "can write to.") from err
-
-
-def require_matching_checkpoint(model: pl.LightningModule, path: Path) -> None:
-    """One clear error, before training, when the checkpoint to resume was not written by this method with this
-    architecture (Lightning would stop with a KeyError or a 40-line size-mismatch traceback)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
-        raise UserError(f"--ckpt_path {path} is not a training checkpoint (no Lightning training state): resume from "
-                        "RUN/checkpoints/last.ckpt, or start from an encoder with the method's --model.init_from.")
-    saved_class = ckpt.get(CHECKPOINT_KEY, {}).get("method")  # SSLMethod.on_save_checkpoint records it
-    this_class = type(model).__name__
-    if saved_class and saved_class != this_class:
-        raise UserError(f"--ckpt_path {path} is a {saved_class} checkpoint but this run trains {this_class}: pass the "
-                        f"recipe that wrote it, or a checkpoint of {this_class}.")
-    saved, here = ckpt["state_dict"], model.state_dict()
-    missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
-    if missing or unexpected:
-        example = (missing or unexpected)[0]
-        raise UserError(f"--ckpt_path {path} does not fit this {this_class}: {len(missing)} weights missing, "
-                        f"{len(unexpected)} unexpected (e.g. {example}). Resume with the settings the run was "
-                        "started with (RUN/config.yaml).")
-    for name, tensor in here.items():
-        if tuple(saved[name].shape) != tuple(tensor.shape):
-            raise UserError(f"--ckpt_path {path} does not fit this {this_class}: {name} is {list(saved[name].shape)} in "
-                            f"the checkpoint and {list(tensor.shape)} here. Resume with the settings the run was "
-                            "started with (RUN/config.yaml).")
 
 
 @rank_zero_only
@@ -323,56 +273,6 @@ def condense_parse_error(message: str) -> str:
     detail = next((line for line in lines if not line.startswith(structural)), lines[0] if lines else message)
     detail = re.sub(r"<class '([\w.]+)'>", r"\1", detail.lstrip("- "))
     return f"{flag}: {detail}" if flag else detail
-
-
-def find_user_error(err: BaseException) -> UserError | None:
-    """The UserError behind ``err``: jsonargparse re-raises errors from ``__init__`` as a ValueError. Lightning's
-    own configuration errors (``--trainer.devices 0``, an accelerator this machine lacks) count as one too."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, UserError):
-            return err
-        if isinstance(err, MisconfigurationException):
-            return UserError(f"trainer settings: {err}")
-        seen.add(id(err))
-        err = err.__cause__
-    return None
-
-
-def checkpoint_readable(path: Path) -> bool:
-    """Whether ``path`` is a complete PyTorch checkpoint file: torch.save writes a zip archive whose directory
-    comes last, so a file cut short by a crash or a full disk has none."""
-    return path.is_file() and zipfile.is_zipfile(path)
-
-
-def require_readable_checkpoint(path: Path) -> None:
-    """One clear error, before anything is built or written, for a --ckpt_path that cannot be resumed."""
-    if not path.is_file():
-        raise UserError(f"--ckpt_path {path}: no such file. Pass a checkpoint of this run (RUN/checkpoints/last.ckpt), "
-                        "or --ckpt_path last --run_dir RUN for the newest one.")
-    if not checkpoint_readable(path):
-        raise UserError(f"--ckpt_path {path} is not a readable checkpoint (cut short while it was written, or not a "
-                        "PyTorch file). --ckpt_path last --run_dir RUN resumes the newest readable checkpoint of a run.")
-
-
-def newest_checkpoint(run_dir: Path) -> str | None:
-    """``--ckpt_path last``: the newest readable one of ``RUN/checkpoints/last*.ckpt`` and the checkpoints Lightning
-    writes on SLURM's requeue signal (``RUN/hpc_ckpt_N.ckpt``), saying which unreadable ones it passed over; None when
-    the run folder has neither (first start); a UserError when it has only unreadable ones.
-
-    Lightning's own ``ckpt_path="last"`` ignores hpc_ckpt files, and its SLURM auto-resume (``ckpt_path=None``)
-    takes the highest hpc_ckpt even when last.ckpt is newer, hence the modification-time choice here.
-    """
-    found = sorted([*run_dir.glob("checkpoints/last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")],
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in found:
-        if checkpoint_readable(path):
-            return str(path)
-        log.warning("--ckpt_path last: %s is not a readable checkpoint (cut short?); trying an older one", path)
-    if found:
-        raise UserError(f"--ckpt_path last: none of the checkpoints of {run_dir} is readable "
-                        f"({', '.join(p.name for p in found)}); move them away to start this run afresh.")
-    return None
 
 
 def pretrain_main(args: Sequence[str] | None = None) -> int:

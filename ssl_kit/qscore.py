@@ -25,8 +25,15 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
-from ssl_kit.eval.features import readout_features
-from ssl_kit.losses.qscore import Space, feature_space, qscore, qscore_regularizer, sparsity
+from ssl_kit.encoders.features import readout_features
+from ssl_kit.losses.qscore import (
+    Space,
+    feature_space,
+    qscore,
+    qscore_regularizer,
+    sparsity,
+)
+from ssl_kit.runtime import eval_mode
 
 
 def batch_images(batch: Any) -> Tensor:
@@ -150,14 +157,11 @@ class QScoreMonitor(pl.Callback):
         dm = trainer.datamodule
         dataset = getattr(dm, "knn_test_set", None) or dm.train_set
         n = min(self.num_images, len(dataset))
-        was_training = pl_module.training
-        pl_module.eval()
         feats = []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(pl_module):
             for start in range(0, n, 256):
                 images = torch.stack([dataset[i][0] for i in range(start, min(n, start + 256))])
                 feats.append(pl_module.embed(dm.eval_images(images.to(pl_module.device))).float())
-        pl_module.train(was_training)
         h = torch.cat(feats)
         scored = feature_space(h, self.space)
         q = qscore(scored)

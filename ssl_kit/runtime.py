@@ -1,10 +1,14 @@
-"""Process-level settings that make CPU training faster without changing any result."""
+"""Process-level settings: the console log, CPU allocator tuning (faster, no result changes), and :func:`eval_mode`."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
 
 log = logging.getLogger("ssl_kit")
 
@@ -35,3 +39,36 @@ def tune_cpu_allocator() -> bool:
         return False
     _tuned = ok
     return ok
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run a block with ``modules`` in eval mode (pictures, monitors, deterministic measurements); afterwards every
+    sub-module gets back exactly the mode it had, so an EMA teacher kept in eval mode inside a training method
+    stays there."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def drop_advertisements(record: logging.LogRecord) -> bool:
+    """Lightning >= 2.6 logs a tip to install its cloud logger at every Trainer start: noise before each run."""
+    return not str(record.msg).startswith("💡 Tip:")
+
+
+def setup_logging() -> None:
+    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if drop_advertisements not in lightning.filters:
+        lightning.addFilter(drop_advertisements)
+    logger = logging.getLogger("ssl_kit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[ssl_kit] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

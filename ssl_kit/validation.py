@@ -70,6 +70,8 @@ RULES: dict[str, Rule] = {
                                      "feedback_baseline")},
     "ema_decay": fraction("the teacher's momentum; 0.99-0.9999"),
     "center_momentum": fraction("the paper: 0.9"),
+    "teacher_momentum": fraction("iBOT's paper: 0.996"),
+    "teacher_momentum_final": fraction("iBOT's paper: 1.0"),
     "center_momentum2": fraction("the paper: 0.9"),
     "confidence_threshold": fraction("a probability; UDA's paper: 0.8"),
     "threshold": fraction("a probability; Meta Pseudo Labels' UDA term: 0.6"),

@@ -20,9 +20,6 @@ def ssl_caplog(caplog):
     logger.removeHandler(caplog.handler)
 
 
-TINY_ENCODER = dict(depth=2, embed_dim=64, num_heads=2)
-
-
 @pytest.fixture(scope="session")
 def fmnist_images():
     """The first 500 Fashion-MNIST test images, ``[500, 1, 28, 28]`` uint8 (the Debian dataset package)."""

@@ -11,9 +11,10 @@ import pytest
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from cli_helpers import TINY_ARGS
+from helpers import TINY_ARGS
 from ssl_kit.checkpointing import AtomicCheckpointIO, remove_partial_writes, with_atomic_checkpoints
-from ssl_kit.cli import checkpoint_readable, newest_checkpoint, pretrain_main
+from ssl_kit.checkpointing import checkpoint_readable, newest_checkpoint
+from ssl_kit.cli import pretrain_main
 from ssl_kit.precision import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def global_step(path: Path) -> int:
 def test_kill_9_at_any_moment_leaves_a_checkpoint_the_run_resumes_from(tmp_path):
     run = tmp_path / "run"
     ckpts, last = run / "checkpoints", run / "checkpoints" / "last.ckpt"
-    slow = '{"class_path": "cli_helpers.SlowCheckpointIO", "init_args": {"pause": 0.5}}'  # a kill can land mid-write
+    slow = '{"class_path": "helpers.SlowCheckpointIO", "init_args": {"pause": 0.5}}'  # a kill can land mid-write
     cmd = cli_command(run, "--trainer.max_epochs", "3", "--trainer.plugins", slow)  # 9 steps, 3 per epoch
 
     # 1. killed while last.ckpt is being replaced at epoch 1's end: the file stays epoch 0's, whole
@@ -134,7 +135,7 @@ def test_kill_9_at_any_moment_leaves_a_checkpoint_the_run_resumes_from(tmp_path)
 def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    cmd = cli_command(run, "--trainer.max_epochs", "3", "--trainer.callbacks+=cli_helpers.SlowSteps",
+    cmd = cli_command(run, "--trainer.max_epochs", "3", "--trainer.callbacks+=helpers.SlowSteps",
                       "--trainer.callbacks.seconds", "0.3")
     proc = start(cmd, tmp_path / "run.log")
     wait_for(lambda: last.exists(), proc)  # epoch 0 is done
@@ -157,7 +158,7 @@ def test_sigterm_inside_a_gradient_accumulation_window_waits_for_its_optimizer_s
     """With --trainer.accumulate_grad_batches 2, a SIGTERM after the first batch of a window is held until the
     window's optimizer step: a checkpoint between the two batches would drop the gradient of the first, and the
     resumed run would differ from the uninterrupted one."""
-    from cli_helpers import TINY_ARGS, assert_same_final_state
+    from helpers import TINY_ARGS, assert_same_final_state
     from ssl_kit.cli import pretrain_main
 
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -165,7 +166,7 @@ def test_sigterm_inside_a_gradient_accumulation_window_waits_for_its_optimizer_s
             "--trainer.accumulate_grad_batches", "2", "--trainer.precision", "32-true"]
     assert pretrain_main([*args, "--run_dir", str(full)]) == 0
     # batch 5 of 8 is the first of epoch 1's first window: the run stops after batch 6, at optimizer step 3
-    assert pretrain_main([*args, "--run_dir", str(cut), "--trainer.callbacks+=cli_helpers.SignalAtBatch",
+    assert pretrain_main([*args, "--run_dir", str(cut), "--trainer.callbacks+=helpers.SignalAtBatch",
                           "--trainer.callbacks.batch", "5"]) == 143
     assert "stopped by SIGTERM at step 3" in capsys.readouterr().err
     stopped = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)

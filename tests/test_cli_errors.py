@@ -120,7 +120,7 @@ def test_truncated_checkpoint_is_one_line_and_last_falls_back(capsys, tmp_path, 
     import os
     import shutil
 
-    from cli_helpers import TINY_ARGS
+    from helpers import TINY_ARGS
 
     run = tmp_path / "run"
     args = [*TINY_ARGS, "--knn_every_n_epochs", "0", "--trainer.max_epochs", "1", "--run_dir", str(run)]
@@ -219,7 +219,7 @@ def inputs(tmp_path_factory):
     from PIL import Image
 
     from ssl_kit.methods import MAE
-    from test_data import save
+    from helpers import save
 
     root = tmp_path_factory.mktemp("inputs")
     for i in range(20):
@@ -298,3 +298,15 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_and_nothing_is_made(cap
     code, err = run_cli(capsys, "--recipe", "mae", "--run_dir", str(run), "--knn_every_n_epochs", "0")
     assert code == 2 and fragment in error_line(err) and str(run) in error_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == before and blocker.read_text() == "not a folder"
+
+
+def test_a_second_ema_teacher_is_refused_before_training(capsys, tmp_path):
+    """iBOT brings its EMA teacher (--model.teacher_momentum); the callback the recipe used to add would update the
+    teacher twice per step."""
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, "--recipe", "ibot", "--trainer.callbacks+=ssl_kit.teacher.EMATeacher",
+                        "--data.num_workers", "0", "--run_dir", str(run))
+    assert code == 2
+    line = error_line(err)
+    assert "IBOT brings its own EMA teacher" in line and "--model.teacher_momentum" in line
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())

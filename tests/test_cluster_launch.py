@@ -18,8 +18,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from cli_helpers import TINY_ARGS
-from ssl_kit.cli import newest_checkpoint, pretrain_main
+from helpers import TINY_ARGS
+from ssl_kit.checkpointing import newest_checkpoint
+from ssl_kit.cli import pretrain_main
 
 ROOT = Path(__file__).resolve().parent.parent
 RENDERER = ROOT / "scripts" / "slurm_job.py"

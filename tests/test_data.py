@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import nested_folder, save
 from ssl_kit.data import PretrainDataModule, fashion_mnist
 from ssl_kit.data.image_folder import ImageFolderDataset, load_image, scan_image_folder
 from ssl_kit.data.module import EpochSeededRandomSampler
@@ -21,43 +22,10 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def ssl_caplog(caplog, monkeypatch):
-    """caplog that also sees 'ssl_kit' records after the CLI's setup_logging() turned propagation off."""
-    monkeypatch.setattr(logging.getLogger("ssl_kit"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="ssl_kit")
-    return caplog
-
-
-def save(path: Path, mode: str = "RGB", size=(20, 14), fmt: str | None = None, seed: int = 0) -> Path:
-    """A tiny random image in ``mode`` (RGB, L, RGBA, P)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    w, h = size
-    if mode == "L":
-        im = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
-    elif mode == "RGBA":
-        im = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
-    elif mode == "P":
-        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").convert("P")
-    else:
-        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
-    im.save(path, format=fmt)
-    return path
-
-
 def corrupt(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
     return path
-
-
-def nested_folder(root: Path, per_class: int = 4) -> Path:
-    exts = [".jpg", ".png", ".webp"]
-    for c, name in enumerate(["cat", "dog"]):
-        for i in range(per_class):
-            save(root / name / f"img{i}{exts[i % 3]}", seed=10 * c + i)
-    return root
 
 
 # ---------------------------------------------------------------- scan_image_folder

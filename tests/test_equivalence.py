@@ -6,46 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import run_cpu_ddp
+from helpers import METHOD_CASES, SHORT_FP32, run_cpu_ddp
 from ssl_kit.cli import pretrain_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.equivalence]
-
-SMALL_VIT = ["--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}"]
-# fp32: the 2e-5 tolerance below is float noise of a changed summation order; bf16 (the recipes' "auto" on
-# CPUs with bf16 instructions) rounds activations to 8 mantissa bits, where such noise can flip a rounding (issue #20)
-COMMON = ["--data.num_workers", "0", "--trainer.limit_train_batches", "3", "--trainer.max_epochs", "1",
-          "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.precision", "32-true"]
-# a large lr, so that 3 steps move the weights far more than float noise
-PRETRAIN = ["--model.base_lr", "0.1", "--knn_every_n_epochs", "0", "--data.knn_train_size", "100", "--data.knn_test_size", "50"]
-SEMI = ["--data.mu", "2", "--data.val_size", "20", "--model.drop_path_rate", "0.0"]
-
-# method -> (recipe arguments, per-device batch b, DDP strategy)
-CASES = {
-    "mae": (["--recipe", "mae", *SMALL_VIT, "--model.decoder_dim", "32", "--model.decoder_depth", "1",
-             "--model.decoder_heads", "2", *PRETRAIN], 4, "ddp"),
-    "lomar": (["--recipe", "lomar", *SMALL_VIT, *PRETRAIN], 4, "ddp"),
-    # iBOT: centers all-reduced, EMA teacher; stochastic depth off (it is drawn per device, like dropout)
-    "ibot": (["--recipe", "ibot", *SMALL_VIT, "--model.out_dim", "64", "--model.hidden_dim", "64",
-              "--model.bottleneck_dim", "32", "--data.num_local", "2", "--model.drop_path_rate", "0.0", *PRETRAIN],
-             4, "ddp"),
-    # UDA: TSA cross-entropy normalised over the global batch's kept examples
-    "uda": (["--recipe", "uda", *SMALL_VIT, *SEMI, "--model.base_lr", "0.5"], 4, "ddp"),
-    # MPL: both optimisers, feedback on the global labeled batch
-    "mpl": (["--recipe", "mpl", *SMALL_VIT, *SEMI, "--model.teacher_lr", "0.5", "--model.student_lr", "0.5",
-             "--model.student_wait_epochs", "0"], 4, "ddp_find_unused_parameters_true"),
-    # Soft Teacher: the whole step runs per draw group (torchvision samples proposals with the global RNG and
-    # normalises the RoI losses by the device batch's proposals); 1 labeled + 2 unlabeled scenes per device
-    "soft_teacher": (["--recipe", "soft_teacher", "--model.encoder_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}",
-                      "--model.fpn_channels", "16", "--model.representation", "32",
-                      "--model.anchor_sizes", "[8, 16, 32, 64]", "--model.rpn_pre_nms", "[100, 50]",
-                      "--model.rpn_post_nms", "[50, 20]", "--model.roi_batch", "32", "--model.jitter_times", "4",
-                      "--model.initial_score", "0.05", "--model.drop_path_rate", "0.0", "--model.base_lr", "0.5",
-                      "--data.img_size", "64", "--data.train_scenes", "40", "--data.val_scenes", "4",
-                      "--data.object_size", "[12, 24]", "--data.labeled_fraction", "0.2",
-                      "--data.unlabeled_ratio", "2"], 1, "ddp"),
-}
-
 
 def final_state(run_dir: Path) -> dict:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -70,16 +34,16 @@ def max_difference(one: dict, two: dict) -> tuple[str, float]:
                 for k in a if a[k].is_floating_point()), key=lambda kv: kv[1])
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("method", list(METHOD_CASES))
 def test_two_processes_train_like_one(method, tmp_path):
-    args, b, strategy = CASES[method]
+    args, b, strategy = METHOD_CASES[method]
 
     def one_process(run_dir: Path, *extra: str) -> dict:
-        assert pretrain_main([*args, *COMMON, "--data.batch_size", str(2 * b),
+        assert pretrain_main([*args, *SHORT_FP32, "--data.batch_size", str(2 * b),
                               "--run_dir", str(run_dir), *extra]) == 0
         return final_state(run_dir)
 
-    run_cpu_ddp([*args, *COMMON, "--data.batch_size", str(b), "--run_dir", tmp_path / "two"], strategy=strategy)
+    run_cpu_ddp([*args, *SHORT_FP32, "--data.batch_size", str(b), "--run_dir", tmp_path / "two"], strategy=strategy)
     two = final_state(tmp_path / "two")
     one = one_process(tmp_path / "one", "--data.draw_group_size", str(b))
     assert one["global_step"] == two["global_step"] == (6 if method == "mpl" else 3)  # MPL: 2 optimisers
@@ -93,7 +57,7 @@ def test_two_processes_train_like_one(method, tmp_path):
 def test_resume_on_another_number_of_processes(tmp_path, ssl_caplog):
     """A checkpoint of 2 processes x 4 images, resumed on 1 process x 8, continues exactly like an uninterrupted
     1-process run, and the log says what changed."""
-    args = [*CASES["mae"][0], *COMMON]
+    args = [*METHOD_CASES["mae"][0], *SHORT_FP32]
     one = ["--data.batch_size", "8", "--data.draw_group_size", "4", "--trainer.max_epochs", "2"]
     run_cpu_ddp([*args, "--data.batch_size", "4", "--run_dir", tmp_path / "two"])
     ckpt = tmp_path / "two" / "checkpoints" / "last.ckpt"

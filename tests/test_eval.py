@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from cli_helpers import TINY_ARGS
+from helpers import TINY_ARGS
 from ssl_kit.cli import pretrain_main
 from ssl_kit.eval.cli import export_main, finetune_main, knn_main, linear_probe_main
 from ssl_kit.eval.finetune import FineTune, layer_decay_param_groups
@@ -144,7 +144,7 @@ def test_finetune_command_few_labels_schedule_in_steps(tiny_run, tmp_path):
 
 def test_feature_auto_follows_what_the_encoder_was_trained_for(tiny_run):
     from ssl_kit.eval.cli import default_feature
-    from ssl_kit.eval.encoder_source import EncoderSource
+    from ssl_kit.encoders import EncoderSource
 
     from ssl_kit.eval.cli import finetune_pool
 

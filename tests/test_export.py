@@ -3,7 +3,7 @@ import json
 import timm
 import torch
 
-from ssl_kit.export import export_encoder, load_exported_encoder
+from ssl_kit.encoders import export_encoder, load_exported_encoder
 from ssl_kit.methods import MAE
 
 

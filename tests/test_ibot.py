@@ -26,13 +26,21 @@ def views(b=3, n_local=2):
     return [torch.randn(b, 1, 32, 32), torch.randn(b, 1, 32, 32)] + [torch.randn(b, 1, 16, 16) for _ in range(n_local)]
 
 
-def test_recipe_teacher_momentum_is_cosine_to_1_paper_0996_short_run_098():
-    paper = EMATeacher(**yaml.safe_load(resolve_recipe("ibot_224").read_text())["trainer"]["callbacks"][0]["init_args"])
+def recipe_teacher(recipe: str, tmp_path) -> EMATeacher:
+    """The EMA teacher callback the IBOT of a recipe brings (its model settings on the tiny test model)."""
+    settings = yaml.safe_load(resolve_recipe(recipe).read_text())["model"]["init_args"]
+    momentum = {k: settings[k] for k in ("teacher_momentum", "teacher_momentum_final")}
+    (ema,) = [c for c in tiny_ibot(**momentum).method_callbacks(tmp_path) if isinstance(c, EMATeacher)]
+    return ema
+
+
+def test_recipe_teacher_momentum_is_cosine_to_1_paper_0996_short_run_098(tmp_path):
+    paper = recipe_teacher("ibot_224", tmp_path)
     assert paper.momentum(0, 1000) == pytest.approx(0.996)
     assert paper.momentum(500, 1000) == pytest.approx(0.998)
     assert paper.momentum(1000, 1000) == pytest.approx(1.0)
     # the 350-step recipe: 0.98 -> 1, so the evaluated teacher leaves its random init (issue #21)
-    short = EMATeacher(**yaml.safe_load(resolve_recipe("ibot").read_text())["trainer"]["callbacks"][0]["init_args"])
+    short = recipe_teacher("ibot", tmp_path)
     assert short.momentum(0, 350) == pytest.approx(0.98) and short.momentum(175, 350) == pytest.approx(0.99)
     assert short.momentum(350, 350) == pytest.approx(1.0)
 

@@ -5,30 +5,16 @@ import signal
 import pytest
 import torch
 
-from cli_helpers import assert_same_final_state
-from ssl_kit.cli import pretrain_main
+from helpers import assert_same_final_state, run_tiny
 from ssl_kit.eval.cli import knn_main
 from ssl_kit.teacher import cosine_momentum
 
 pytestmark = pytest.mark.slow
 
-TINY_IBOT = [
-    "--recipe", "ibot",
-    "--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}",
-    "--model.out_dim", "64", "--model.hidden_dim", "64", "--model.bottleneck_dim", "32",
-    "--data.batch_size", "8", "--data.num_workers", "0", "--data.num_local", "2",
-    "--data.knn_train_size", "200", "--data.knn_test_size", "100",
-    "--trainer.limit_train_batches", "3", "--trainer.log_every_n_steps", "1",
-]
-
-
-def run_cli(run_dir, *extra: str) -> int:
-    return pretrain_main([*TINY_IBOT, "--run_dir", str(run_dir), *extra])
-
 
 def test_ibot_recipe_runs_logs_schedules_and_exports_the_teacher(tmp_path):
     run = tmp_path / "run"
-    assert run_cli(run, "--trainer.max_epochs", "2") == 0
+    assert run_tiny("ibot", run, "--trainer.max_epochs", "2") == 0
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     momentum = [float(r["teacher_momentum"]) for r in rows if r.get("teacher_momentum")]
     wd = [float(r["weight_decay"]) for r in rows if r.get("weight_decay")]
@@ -51,17 +37,17 @@ def test_ibot_resume_ends_with_same_student_teacher_and_centers(tmp_path):
     multi-crop views, block masks, teacher EMA, centers and the weight-decay schedule continue exactly."""
     full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
     fp32 = ("--trainer.max_epochs", "2", "--trainer.precision", "32-true")
-    assert run_cli(full, *fp32) == 0
-    stop_after_epoch_0 = ("--trainer.callbacks+=cli_helpers.StopAfterEpoch", "--trainer.callbacks.epoch", "0")
-    assert run_cli(part, *fp32, *stop_after_epoch_0) == 0
-    assert run_cli(part, *fp32, "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    assert run_tiny("ibot", full, *fp32) == 0
+    stop_after_epoch_0 = ("--trainer.callbacks+=helpers.StopAfterEpoch", "--trainer.callbacks.epoch", "0")
+    assert run_tiny("ibot", part, *fp32, *stop_after_epoch_0) == 0
+    assert run_tiny("ibot", part, *fp32, "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
     keys = a["state_dict"].keys()
     assert any(k.startswith("teacher.") for k in keys) and "criterion.center2" in keys
 
-    assert run_cli(cut, *fp32, "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "2",
+    assert run_tiny("ibot", cut, *fp32, "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "2",
                    "--trainer.callbacks.signum", str(int(signal.SIGUSR1))) == 128 + signal.SIGUSR1
     assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler went with the run
-    assert run_cli(cut, *fp32, "--ckpt_path", "last") == 0
+    assert run_tiny("ibot", cut, *fp32, "--ckpt_path", "last") == 0
     assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)

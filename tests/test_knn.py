@@ -36,7 +36,7 @@ def test_knn_monitor_says_once_when_it_cannot_score_and_logs_nothing(tmp_path, s
     """Issue #26: one class (every vote right: top-1 always 1) or no labeled held-out split: one line, no knn_top1."""
     from types import SimpleNamespace
 
-    from test_data import nested_folder, save
+    from helpers import nested_folder, save
 
     from ssl_kit.data import PretrainDataModule
     from ssl_kit.eval.knn import KNNMonitor, knn_unscorable

@@ -6,12 +6,11 @@ import pytest
 import timm
 import torch
 
-from ssl_kit.encoders import Windows, random_subset_mask, sample_windows
+from ssl_kit.encoders import Windows, export_encoder, random_subset_mask, sample_windows
 from ssl_kit.errors import UserError
-from ssl_kit.export import export_encoder
 from ssl_kit.losses.reconstruction import masked_mse_loss
 from ssl_kit.methods import LoMaR
-from ssl_kit.rpe import IRPE_MODEL, RPEAttention, piecewise_index, product_bucket_ids
+from ssl_kit.encoders.rpe import IRPE_MODEL, RPEAttention, piecewise_index, product_bucket_ids
 
 
 def tiny_lomar(**kw) -> LoMaR:

@@ -6,28 +6,15 @@ import pytest
 import timm
 import torch
 
-from cli_helpers import assert_same_final_state
-from ssl_kit.cli import pretrain_main
+from helpers import assert_same_final_state, run_tiny
 from ssl_kit.eval.cli import finetune_main, knn_main
 
 pytestmark = pytest.mark.slow
 
-TINY_LOMAR = [
-    "--recipe", "lomar",
-    "--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}",
-    "--data.batch_size", "8", "--data.num_workers", "0",
-    "--data.knn_train_size", "200", "--data.knn_test_size", "100",
-    "--trainer.limit_train_batches", "3", "--trainer.log_every_n_steps", "1",
-]
-
-
-def run_cli(run_dir, *extra: str) -> int:
-    return pretrain_main([*TINY_LOMAR, "--run_dir", str(run_dir), *extra])
-
 
 def test_lomar_recipe_runs_and_its_checkpoint_evaluates(tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_cli(run, "--trainer.max_epochs", "2") == 0
+    assert run_tiny("lomar", run, "--trainer.max_epochs", "2") == 0
     assert f"run folder: {run}" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "pictures").iterdir()) == ["epoch_000.png", "epoch_001.png"]
     rows = list(csv.DictReader(open(run / "metrics.csv")))
@@ -51,11 +38,11 @@ def test_lomar_resume_ends_with_the_same_weights(tmp_path):
     """At an epoch end, and after SIGTERM in the middle of an epoch (step 4 of 2 x 3): window draws, masks and the
     relative-position tables continue exactly."""
     full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
-    assert run_cli(full, "--trainer.max_epochs", "2") == 0
-    assert run_cli(part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
+    assert run_tiny("lomar", full, "--trainer.max_epochs", "2") == 0
+    assert run_tiny("lomar", part, "--trainer.max_epochs", "2", "--trainer.callbacks+=helpers.StopAfterEpoch",
                    "--trainer.callbacks.epoch", "0") == 0
-    assert run_cli(part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    assert run_tiny("lomar", part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
-    assert run_cli(cut, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "4") == 143
-    assert run_cli(cut, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
+    assert run_tiny("lomar", cut, "--trainer.max_epochs", "2", "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "4") == 143
+    assert run_tiny("lomar", cut, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
     assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)

@@ -7,19 +7,18 @@ import pytest
 import torch
 
 from ssl_kit.cli import pretrain_main
-from test_equivalence import CASES, COMMON
-from test_u2pl_cli import TINY_SEG
+from helpers import METHOD_CASES, SHORT_FP32, TINY_SEG
 
 pytestmark = pytest.mark.slow
 
-RECIPES = {name: args for name, (args, _, _) in CASES.items()}
+RECIPES = {name: args for name, (args, _, _) in METHOD_CASES.items()}
 RECIPES["u2pl"] = ["--recipe", "u2pl", *TINY_SEG, "--model.drop_path_rate", "0.0"]
 
 
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_bf16_mixed_precision_trains(method, tmp_path, ssl_caplog):
     strategy = ["--trainer.strategy", "auto"]
-    args = [*RECIPES[method], *COMMON, "--trainer.limit_train_batches", "2", "--data.batch_size", "2" if method == "soft_teacher" else "4"]
+    args = [*RECIPES[method], *SHORT_FP32, "--trainer.limit_train_batches", "2", "--data.batch_size", "2" if method == "soft_teacher" else "4"]
     assert pretrain_main([*args, *strategy, "--trainer.precision", "bf16-mixed", "--run_dir", str(tmp_path)]) == 0
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     weights = {k: v for k, v in ckpt["state_dict"].items() if v.is_floating_point()}
@@ -31,7 +30,7 @@ def test_bf16_mixed_precision_trains(method, tmp_path, ssl_caplog):
 
 # ----------------------------------------------------------------------------- issue #20: --trainer.precision auto
 from ssl_kit import precision as prec  # noqa: E402
-from cli_helpers import TINY_ARGS  # noqa: E402
+from helpers import TINY_ARGS  # noqa: E402
 
 
 @pytest.fixture

@@ -10,19 +10,14 @@ import pytest
 import timm
 import torch
 
-from cli_helpers import TINY_ARGS, assert_same_final_state
-from ssl_kit.cli import pretrain_main
+from helpers import TINY_ARGS, assert_same_final_state, run_tiny
 
 pytestmark = pytest.mark.slow
 
 
-def run_cli(run_dir: Path, *extra: str) -> int:
-    return pretrain_main([*TINY_ARGS, "--run_dir", str(run_dir), *extra])
-
-
 def test_smoke_run_leaves_everything_in_the_run_folder(tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_cli(run, "--trainer.max_epochs", "2", "--model.mask_ratio", "0.5") == 0
+    assert run_tiny("mae", run, "--trainer.max_epochs", "2", "--model.mask_ratio", "0.5") == 0
     out = capsys.readouterr().out
     assert f"run folder: {run}" in out
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -45,12 +40,12 @@ def test_resume_ends_with_the_same_weights(tmp_path, capsys):
     draws continue where they stopped)."""
     full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
     fp32 = ("--trainer.max_epochs", "2", "--trainer.precision", "32-true")
-    assert run_cli(full, *fp32) == 0
-    stop_after_epoch_0 = ("--trainer.callbacks+=cli_helpers.StopAfterEpoch", "--trainer.callbacks.epoch", "0")
-    assert run_cli(part, *fp32, *stop_after_epoch_0) == 0
+    assert run_tiny("mae", full, *fp32) == 0
+    stop_after_epoch_0 = ("--trainer.callbacks+=helpers.StopAfterEpoch", "--trainer.callbacks.epoch", "0")
+    assert run_tiny("mae", part, *fp32, *stop_after_epoch_0) == 0
     interrupted = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     assert interrupted["global_step"] == 3
-    assert run_cli(part, *fp32, "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    assert run_tiny("mae", part, *fp32, "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
     opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
@@ -60,12 +55,12 @@ def test_resume_ends_with_the_same_weights(tmp_path, capsys):
     assert "train_loss_epoch" in first and (part / "metrics.csv").is_file()
 
     capsys.readouterr()
-    assert run_cli(cut, *fp32, "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "4") == 143
+    assert run_tiny("mae", cut, *fp32, "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "4") == 143
     assert f"stopped by SIGTERM at step 4; checkpoint {cut / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().err
     stopped = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)
     assert stopped["global_step"] == 4 and stopped["epoch"] == 1
     assert stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
-    assert run_cli(cut, *fp32, "--ckpt_path", "last") == 0
+    assert run_tiny("mae", cut, *fp32, "--ckpt_path", "last") == 0
     a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)
     assert a["optimizer_states"][0]["state"][0]["step"] == b["optimizer_states"][0]["state"][0]["step"]
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6
@@ -73,12 +68,12 @@ def test_resume_ends_with_the_same_weights(tmp_path, capsys):
 
 def test_one_class_folder_logs_no_knn_and_the_best_checkpoint_is_the_last(tmp_path, capsys, ssl_caplog):
     """Issue #26: k-NN on one class scored 1.0 every epoch and named best-epoch000-knn1.0000.ckpt the best."""
-    from test_data import save
+    from helpers import save
 
     for i in range(40):
         save(tmp_path / "data" / "cat" / f"{i}.png", size=(16, 16), seed=i)
     run = tmp_path / "run"
-    assert run_cli(run, "--data.root", str(tmp_path / "data"), "--data.img_size", "16", "--model.patch_size", "4",
+    assert run_tiny("mae", run, "--data.root", str(tmp_path / "data"), "--data.img_size", "16", "--model.patch_size", "4",
                    "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "2") == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     rows = list(csv.DictReader(open(run / "metrics.csv")))
@@ -92,7 +87,7 @@ def test_one_class_folder_logs_no_knn_and_the_best_checkpoint_is_the_last(tmp_pa
 
 def test_nonfinite_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    code = run_cli(run, "--trainer.max_epochs", "3", "--trainer.callbacks+=cli_helpers.PoisonWeightsAtEpoch",
+    code = run_tiny("mae", run, "--trainer.max_epochs", "3", "--trainer.callbacks+=helpers.PoisonWeightsAtEpoch",
                    "--trainer.callbacks.epoch", "1")
     assert code == 2
     err = capsys.readouterr().err

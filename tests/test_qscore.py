@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ssl_kit.eval.features import readout_features
+from ssl_kit.encoders.features import readout_features
 from ssl_kit.losses.qscore import qscore, qscore_regularizer, sparsity, standardize_rectify
 from ssl_kit.methods import LoMaR, MAE
 from ssl_kit.qscore import QScoreRegularizer
@@ -150,7 +150,7 @@ def test_a_layernorm_gain_cannot_lower_the_standardized_regulariser():
 
 @pytest.mark.slow
 def test_pretrain_with_qscore_then_score_a_data_set(tmp_path, capsys):
-    from cli_helpers import TINY_ARGS
+    from helpers import TINY_ARGS
     from ssl_kit.cli import pretrain_main
     from ssl_kit.eval.qscore_cli import qscore_main
 
@@ -182,14 +182,14 @@ def test_pretrain_with_qscore_then_score_a_data_set(tmp_path, capsys):
 
 def test_qscore_regularised_run_resumed_mid_epoch_ends_with_the_same_weights(tmp_path):
     """Issue #26 for the Q-score regulariser: SIGTERM after step 4 of 2 x 3, resumed, equals the uninterrupted run."""
-    from cli_helpers import TINY_ARGS, assert_same_final_state
+    from helpers import TINY_ARGS, assert_same_final_state
     from ssl_kit.cli import pretrain_main
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = [*TINY_ARGS, "--qscore", "true", "--knn_every_n_epochs", "0", "--trainer.max_epochs", "2",
             "--trainer.precision", "32-true"]
     assert pretrain_main([*args, "--run_dir", str(full)]) == 0
-    assert pretrain_main([*args, "--run_dir", str(cut), "--trainer.callbacks+=cli_helpers.SignalAtStep",
+    assert pretrain_main([*args, "--run_dir", str(cut), "--trainer.callbacks+=helpers.SignalAtStep",
                           "--trainer.callbacks.step", "4"]) == 143
     assert pretrain_main([*args, "--run_dir", str(cut), "--ckpt_path", "last"]) == 0
     assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)

@@ -7,10 +7,9 @@ import timm
 import torch
 
 from ssl_kit.cli import pretrain_main
-from ssl_kit.encoders import build_random_encoder, sincos_2d_pos_embed
+from ssl_kit.encoders import EncoderSource, build_random_encoder, load_encoder, sincos_2d_pos_embed
 from ssl_kit.eval.cli import knn_main
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder
-from ssl_kit.eval.features import encoder_features, feature_spread, readout_features
+from ssl_kit.encoders.features import encoder_features, feature_spread, readout_features
 from ssl_kit.methods import IBOT, MAE, LoMaR
 
 TINY = {"encoder_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}, "img_size": 16, "patch_size": 4, "in_chans": 1}
@@ -111,7 +110,7 @@ def test_random_init_same_needs_a_checkpoint_or_export(capsys):
 
 
 def test_monitor_logs_both_readouts_and_warns_on_collapse(tmp_path, ssl_caplog):
-    from test_data import nested_folder
+    from helpers import nested_folder
 
     from ssl_kit.data import PretrainDataModule
     from ssl_kit.eval.knn import KNNMonitor

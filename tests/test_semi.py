@@ -177,7 +177,7 @@ def test_semi_data_module_on_folders_gives_weak_and_strong_views(tmp_path):
     batch = {name: next(iter(loader)) for name, loader in loaders.items()}
     assert batch["labeled"][0].dtype == torch.uint8 and batch["unlabeled"][0].shape[0] == 6
     out = dm.on_after_batch_transfer(batch, 0)
-    (x, y), (u_weak, u_strong) = out["labeled"], out["unlabeled"]
+    (x, _), (u_weak, u_strong) = out["labeled"], out["unlabeled"]
     assert x.shape == (2, 3, 16, 16) and u_weak.shape == u_strong.shape == (6, 3, 16, 16)
     assert not torch.equal(u_weak, u_strong)
     assert len(loaders["labeled"]) == len(loaders["unlabeled"]) == dm.steps_per_epoch == 1
@@ -198,7 +198,7 @@ def test_semi_data_module_clear_errors(tmp_path):
 
 def test_classifier_starts_from_an_exported_pretrained_encoder(tmp_path):
     from ssl_kit.encoders import build_encoder, resolve_encoder_spec
-    from ssl_kit.export import export_encoder
+    from ssl_kit.encoders import export_encoder
 
     spec = resolve_encoder_spec("tiny", img_size=16, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2)
     pretrained = build_encoder(spec)
@@ -215,7 +215,7 @@ def test_classifier_starts_from_an_exported_pretrained_encoder(tmp_path):
 
 def test_classifier_with_average_pooling_reads_the_normed_mean_patch_token(tmp_path):
     from ssl_kit.encoders import build_encoder, resolve_encoder_spec
-    from ssl_kit.export import export_encoder
+    from ssl_kit.encoders import export_encoder
     from ssl_kit.methods.classifier import pre_logits
 
     spec = resolve_encoder_spec("tiny", img_size=16, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2)
@@ -301,7 +301,7 @@ def test_mpl_teacher_warms_up_alone_while_the_student_waits_then_both_learn():
 
 def test_a_trained_classifier_given_as_init_from_keeps_its_head_a_bare_encoder_gets_a_near_zero_one(tmp_path):
     from ssl_kit.encoders import build_encoder, resolve_encoder_spec
-    from ssl_kit.export import export_encoder
+    from ssl_kit.encoders import export_encoder
 
     spec = resolve_encoder_spec("tiny", img_size=16, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2,
                                 num_classes=10, global_pool="avg")

@@ -5,22 +5,11 @@ import json
 import pytest
 import torch
 
-from cli_helpers import assert_same_final_state, run_cpu_ddp
-from ssl_kit.cli import pretrain_main
-from ssl_kit.export import load_exported_encoder
+from helpers import TINY_SEMI, assert_same_final_state, run_cpu_ddp, run_tiny
+from ssl_kit.encoders import load_exported_encoder
 from ssl_kit.teacher import inverse_momentum
 
 pytestmark = pytest.mark.slow
-
-TINY_SEMI = [
-    "--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}",
-    "--data.batch_size", "4", "--data.mu", "2", "--data.val_size", "50", "--data.num_workers", "0",
-    "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1",
-]
-
-
-def run_cli(recipe, run_dir, *extra: str) -> int:
-    return pretrain_main(["--recipe", recipe, *TINY_SEMI, "--run_dir", str(run_dir), *extra])
 
 
 def metrics(run_dir) -> list[dict[str, str]]:
@@ -33,7 +22,7 @@ def column(rows, name) -> list[float]:
 
 def test_uda_logs_tsa_and_mask_saves_subset_and_exports_a_timm_classifier(tmp_path):
     run = tmp_path / "uda"
-    assert run_cli("uda", run, "--trainer.max_epochs", "2", "--model.tsa", "linear") == 0  # off in the recipe
+    assert run_tiny("uda", run, "--trainer.max_epochs", "2", "--model.tsa", "linear") == 0  # off in the recipe
     rows = metrics(run)
     total = 4
     assert column(rows, "tsa_threshold") == pytest.approx([0.1 + 0.9 * s / total for s in range(total)])
@@ -57,7 +46,7 @@ def test_uda_logs_tsa_and_mask_saves_subset_and_exports_a_timm_classifier(tmp_pa
 def test_supervised_recipe_uses_no_unlabeled_images(tmp_path):
     run = tmp_path / "sup"
     # also: average pooling reaches the export, and a run without a progress bar works
-    assert run_cli("supervised", run, "--trainer.max_epochs", "1", "--model.global_pool", "avg",
+    assert run_tiny("supervised", run, "--trainer.max_epochs", "1", "--model.global_pool", "avg",
                    "--trainer.enable_progress_bar", "false") == 0
     rows = metrics(run)
     assert column(rows, "tsa_threshold") == [1.0, 1.0] and not column(rows, "unsup_mask_fraction")
@@ -66,7 +55,7 @@ def test_supervised_recipe_uses_no_unlabeled_images(tmp_path):
 
 def test_mpl_with_student_lr_zero_logs_zero_feedback_and_uda_only_teacher_loss(tmp_path):
     run = tmp_path / "mpl0"
-    assert run_cli("mpl", run, "--trainer.max_epochs", "1", "--model.student_lr", "0") == 0
+    assert run_tiny("mpl", run, "--trainer.max_epochs", "1", "--model.student_lr", "0") == 0
     rows = metrics(run)
     assert column(rows, "mpl_feedback") == [0.0, 0.0]
     assert column(rows, "teacher_loss") == column(rows, "teacher_uda")
@@ -75,10 +64,10 @@ def test_mpl_with_student_lr_zero_logs_zero_feedback_and_uda_only_teacher_loss(t
 def test_mpl_resume_restores_both_optimisers_schedulers_and_baseline(tmp_path):
     """At an epoch end and after SIGTERM mid-epoch (batch 3 of 2 x 2, optimizer step 6 of 8)."""
     full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
-    assert run_cli("mpl", full, "--trainer.max_epochs", "2") == 0
-    assert run_cli("mpl", part, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.StopAfterEpoch",
+    assert run_tiny("mpl", full, "--trainer.max_epochs", "2") == 0
+    assert run_tiny("mpl", part, "--trainer.max_epochs", "2", "--trainer.callbacks+=helpers.StopAfterEpoch",
                    "--trainer.callbacks.epoch", "0") == 0
-    assert run_cli("mpl", part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    assert run_tiny("mpl", part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     # two optimizer steps (student, teacher) per batch: 2 epochs x 2 batches x 2
     a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=8)
     assert a["state_dict"]["steps_done"].item() == 4 and a["state_dict"]["moving_feedback"].item() != 0
@@ -88,8 +77,8 @@ def test_mpl_resume_restores_both_optimisers_schedulers_and_baseline(tmp_path):
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][pid][name])), (pid, name)
     assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][1]["last_epoch"] == 4
-    assert run_cli("mpl", cut, "--trainer.max_epochs", "2", "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "6") == 143
-    assert run_cli("mpl", cut, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
+    assert run_tiny("mpl", cut, "--trainer.max_epochs", "2", "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "6") == 143
+    assert run_tiny("mpl", cut, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
     _, c = assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=8)
     assert a["lr_schedulers"] == c["lr_schedulers"]
 
@@ -99,12 +88,12 @@ def test_uda_resumed_mid_epoch_ends_with_the_same_weights(tmp_path):
     the schedule continue exactly."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     fp32 = ("--trainer.max_epochs", "2", "--trainer.precision", "32-true")
-    assert run_cli("uda", full, *fp32) == 0
-    sigterm_after_step_3 = ("--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "3")
-    assert run_cli("uda", cut, *fp32, *sigterm_after_step_3) == 143
+    assert run_tiny("uda", full, *fp32) == 0
+    sigterm_after_step_3 = ("--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "3")
+    assert run_tiny("uda", cut, *fp32, *sigterm_after_step_3) == 143
     stopped = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)
     assert stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}] * 2
-    assert run_cli("uda", cut, *fp32, "--ckpt_path", "last") == 0
+    assert run_tiny("uda", cut, *fp32, "--ckpt_path", "last") == 0
     a, _ = assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=4)
     assert any(k.startswith("ema_encoder.") for k in a["state_dict"])  # the evaluated EMA classifier is compared too
 

@@ -27,8 +27,10 @@ def method():
     return SoftTeacher(**TINY)
 
 
-def test_teacher_momentum_is_0_then_half_then_capped_at_0_999(method):
-    (ema,) = method.default_callbacks()
+def test_teacher_momentum_is_0_then_half_then_capped_at_0_999(method, tmp_path):
+    from ssl_kit.teacher import EMATeacher
+
+    (ema,) = [c for c in method.method_callbacks(tmp_path) if isinstance(c, EMATeacher)]
     assert [ema.momentum(i, 10_000) for i in (0, 1, 999, 5000)] == pytest.approx([0.0, 0.5, 0.999, 0.999])
 
 
@@ -184,7 +186,7 @@ def test_unsupervised_step_trains_the_student_only_and_reports_pseudo_boxes(meth
 
 def test_pretrained_encoder_is_resampled_to_the_detector_patch(tmp_path):
     from ssl_kit.encoders import build_encoder, resolve_encoder_spec
-    from ssl_kit.export import export_encoder
+    from ssl_kit.encoders import export_encoder
 
     spec = resolve_encoder_spec("tiny", img_size=32, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2)
     pretrained = build_encoder(spec)
@@ -275,7 +277,7 @@ def test_encoder_layer_decay_gives_each_block_its_own_lr_and_the_heads_theirs(me
     assert lr_of[id(model.student.encoder.patch_embed.proj.weight)] == pytest.approx(lr * 0.7 ** 3)
 
 
-def test_the_recipes_teacher_momentum_suits_3000_steps():
+def test_the_recipes_teacher_momentum_suits_3000_steps(tmp_path):
     """Issue #23: min(0.999, 1 - 1/(i+1)) over 320 steps was the uniform mean of every student since step 0. The
     recipes' cap 0.99 makes the teacher an average over about the last 100 of their 3000 steps."""
     import yaml
@@ -287,7 +289,7 @@ def test_the_recipes_teacher_momentum_suits_3000_steps():
         config = yaml.safe_load(resolve_recipe(recipe).read_text())
         steps = config["trainer"]["max_epochs"] * config["trainer"]["limit_train_batches"]
         model = SoftTeacher(**dict(TINY, ema_decay=config["model"]["init_args"]["ema_decay"]))
-        (ema,) = [c for c in model.default_callbacks() if isinstance(c, EMATeacher)]
+        (ema,) = [c for c in model.method_callbacks(tmp_path) if isinstance(c, EMATeacher)]
         assert steps == 3000
         assert [ema.momentum(i, steps) for i in (1, 49, 99, 2999)] == pytest.approx([0.5, 0.98, 0.99, 0.99])
 

@@ -1,42 +1,23 @@
 """`ssl-pretrain --recipe u2pl | seg_supervised` end to end (tiny): logs, pictures, export, exact resume, DDP."""
-import csv
 
 import pytest
 import torch
 
-from cli_helpers import assert_same_final_state, run_cpu_ddp
-from ssl_kit.cli import pretrain_main
-from ssl_kit.export import load_exported_encoder
+from helpers import TINY_SEG, assert_same_final_state, metric_column, run_cpu_ddp, run_tiny
+from ssl_kit.encoders import load_exported_encoder
 from ssl_kit.teacher import inverse_momentum
 
 pytestmark = pytest.mark.slow
 
-TINY_SEG = [
-    "--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}",
-    "--model.head_dim", "16", "--model.rep_dim", "32",
-    "--model.num_anchors", "16", "--model.num_negatives", "8", "--model.memory_size", "64",
-    "--data.img_size", "32", "--data.train_scenes", "64", "--data.val_scenes", "16", "--data.labeled_images", "16",
-    "--data.batch_size", "4", "--data.object_size", "[8, 20]",
-    "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1",
-]
-
-
-def run_cli(recipe, run_dir, *extra: str) -> int:
-    return pretrain_main(["--recipe", recipe, *TINY_SEG, "--run_dir", str(run_dir), *extra])
-
-
-def column(run_dir, name) -> list[float]:
-    return [float(r[name]) for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(name)]
-
 
 def test_u2pl_warm_up_then_semi_supervised_logs_pictures_and_export(tmp_path):
     run = tmp_path / "u2pl"
-    assert run_cli("u2pl", run, "--trainer.max_epochs", "3") == 0
+    assert run_tiny("u2pl", run, "--trainer.max_epochs", "3") == 0
     # epoch 0 supervised only (teacher copied), epochs 1-2 semi-supervised: EMA counted from step 2
-    assert column(run, "teacher_momentum") == pytest.approx([0, 0] + [inverse_momentum(i, 0.99) for i in range(4)])
-    assert column(run, "unreliable_percent") == pytest.approx([20 * (1 - 1 / 3)] * 2 + [20 * (1 - 2 / 3)] * 2)
-    assert len(column(run, "loss_unsup")) == len(column(run, "loss_contrastive")) == 4
-    assert len(column(run, "val_miou")) == 3 and all(0 <= v <= 1 for v in column(run, "val_miou"))
+    assert metric_column(run, "teacher_momentum") == pytest.approx([0, 0] + [inverse_momentum(i, 0.99) for i in range(4)])
+    assert metric_column(run, "unreliable_percent") == pytest.approx([20 * (1 - 1 / 3)] * 2 + [20 * (1 - 2 / 3)] * 2)
+    assert len(metric_column(run, "loss_unsup")) == len(metric_column(run, "loss_contrastive")) == 4
+    assert len(metric_column(run, "val_miou")) == 3 and all(0 <= v <= 1 for v in metric_column(run, "val_miou"))
     assert (run / "pictures" / "segmentation_epoch_002.png").is_file()
     assert (run / "labeled_subset.json").is_file()
 
@@ -51,29 +32,29 @@ def test_u2pl_warm_up_then_semi_supervised_logs_pictures_and_export(tmp_path):
 
 def test_seg_supervised_baseline_sees_no_unlabeled_scenes(tmp_path):
     run = tmp_path / "sup"
-    assert run_cli("seg_supervised", run, "--trainer.max_epochs", "2") == 0
-    assert len(column(run, "loss_sup")) == 4 and not column(run, "loss_unsup")
-    assert len(column(run, "val_miou")) == 2
+    assert run_tiny("seg_supervised", run, "--trainer.max_epochs", "2") == 0
+    assert len(metric_column(run, "loss_sup")) == 4 and not metric_column(run, "loss_unsup")
+    assert len(metric_column(run, "val_miou")) == 2
 
 
 def test_u2pl_resume_continues_teacher_memory_bank_and_schedule(tmp_path):
     """At an epoch end and after SIGTERM mid-epoch (step 3 of 3 x 2)."""
     full, part, cut = tmp_path / "full", tmp_path / "part", tmp_path / "cut"
-    assert run_cli("u2pl", full, "--trainer.max_epochs", "3") == 0
-    stop = ["--trainer.callbacks+=cli_helpers.StopAfterEpoch", "--trainer.callbacks.epoch=1"]
-    assert run_cli("u2pl", part, "--trainer.max_epochs", "3", *stop) == 0
-    assert run_cli("u2pl", part, "--trainer.max_epochs", "3", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
+    assert run_tiny("u2pl", full, "--trainer.max_epochs", "3") == 0
+    stop = ["--trainer.callbacks+=helpers.StopAfterEpoch", "--trainer.callbacks.epoch=1"]
+    assert run_tiny("u2pl", part, "--trainer.max_epochs", "3", *stop) == 0
+    assert run_tiny("u2pl", part, "--trainer.max_epochs", "3", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, _ = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
     assert any(k.startswith("memory_bank.") for k in a["state_dict"])
-    assert run_cli("u2pl", cut, "--trainer.max_epochs", "3", "--trainer.callbacks+=cli_helpers.SignalAtStep", "--trainer.callbacks.step", "3") == 143
-    assert run_cli("u2pl", cut, "--trainer.max_epochs", "3", "--ckpt_path", "last") == 0
+    assert run_tiny("u2pl", cut, "--trainer.max_epochs", "3", "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "3") == 143
+    assert run_tiny("u2pl", cut, "--trainer.max_epochs", "3", "--ckpt_path", "last") == 0
     assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=6)
 
 
 def test_u2pl_bad_input_is_one_clear_message(tmp_path, capsys):
-    assert run_cli("u2pl", tmp_path / "a", "--model.num_classes", "5") == 2
+    assert run_tiny("u2pl", tmp_path / "a", "--model.num_classes", "5") == 2
     assert "The masks have 11 classes but the model was built for 5: pass --model.num_classes 11" in capsys.readouterr().err
-    assert run_cli("u2pl", tmp_path / "b", "--data.root", str(tmp_path / "missing")) == 2
+    assert run_tiny("u2pl", tmp_path / "b", "--data.root", str(tmp_path / "missing")) == 2
     assert "--data.root" in capsys.readouterr().err
     assert not (tmp_path / "a" / "checkpoints").exists()
 
@@ -81,4 +62,4 @@ def test_u2pl_bad_input_is_one_clear_message(tmp_path, capsys):
 def test_u2pl_runs_under_two_process_cpu_ddp(tmp_path):
     run = tmp_path / "ddp"
     run_cpu_ddp(["--recipe", "u2pl", *TINY_SEG, "--run_dir", run, "--trainer.max_epochs", "2"])
-    assert len(column(run, "loss_contrastive")) == 2 and (run / "encoder" / "model.safetensors").is_file()
+    assert len(metric_column(run, "loss_contrastive")) == 2 and (run / "encoder" / "model.safetensors").is_file()

@@ -23,19 +23,23 @@ from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_kit.cli import find_user_error, setup_logging
 from ssl_kit.data.classification import ClassificationDataModule
 from ssl_kit.data.module import EpochSeededRandomSampler
-from ssl_kit.errors import UserError
-from ssl_kit.eval.encoder_source import EncoderSource, load_encoder, read_checkpoint, encoder_record
-from ssl_kit.eval.features import encoder_features, feature_dim
+from ssl_kit.encoders import (
+    EncoderSource,
+    encoder_record,
+    export_encoder,
+    load_encoder,
+    read_checkpoint,
+    select_attention_kernel,
+)
+from ssl_kit.encoders.features import encoder_features, feature_dim
+from ssl_kit.errors import UserError, find_user_error
 from ssl_kit.eval.finetune import FineTune
 from ssl_kit.eval.knn import extract_features, feature_batch_size, weighted_knn
 from ssl_kit.eval.linear_probe import LinearProbe
-from ssl_kit.encoders import select_attention_kernel
-from ssl_kit.export import export_encoder
 from ssl_kit.precision import Trainer, autocast_dtype, resolve_precision
-from ssl_kit.runtime import tune_cpu_allocator
+from ssl_kit.runtime import setup_logging, tune_cpu_allocator
 
 log = logging.getLogger("ssl_kit")
 

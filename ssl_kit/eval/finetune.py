@@ -14,7 +14,7 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_kit.eval.linear_probe import ValidationTop1
+from ssl_kit.metrics import ValidationTop1
 from ssl_kit.optim import effective_batch_size, scaled_lr, with_warmup_cosine
 
 log = logging.getLogger("ssl_kit")

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ssl_kit.eval.features import feature_spread
+from ssl_kit.encoders.features import feature_spread
 from ssl_kit.precision import autocast_dtype, inference_autocast
+from ssl_kit.runtime import eval_mode
 
 log = logging.getLogger("ssl_kit")
 
@@ -132,7 +133,7 @@ class KNNMonitor(pl.Callback):
     ([CLS] and mean patch token, one forward pass). Logs ``knn_top1`` (the method's default ``readout``, which the
     "best" checkpoint follows), ``knn_top1_cls`` and ``knn_top1_avgpool``, and for the default readout of the
     query images ``feature_cosine`` (mean pairwise cosine) and ``feature_std`` (mean per-dimension spread of the
-    normalised features, :func:`ssl_kit.eval.features.feature_spread`); a warning when the cosine passes
+    normalised features, :func:`ssl_kit.encoders.features.feature_spread`); a warning when the cosine passes
     :data:`COLLAPSE_COSINE` (once per run). Under DDP every rank extracts the same features; only the metric is logged
     (rank-zero identical values). Data it cannot score (:func:`knn_unscorable`) get one log line at the start
     and no ``knn_top1``.
@@ -177,14 +178,10 @@ class KNNMonitor(pl.Callback):
         loaders = dm.knn_dataloaders(feature_batch_size(pl_module.device)) if dm is not None and hasattr(dm, "knn_dataloaders") else None
         if loaders is None:
             return None
-        was_training = pl_module.training
-        pl_module.eval()
         dtype = autocast_dtype(trainer.precision)  # the training's precision
-        try:
+        with eval_mode(pl_module):
             train_f, train_y = extract_readouts(pl_module.readouts, loaders[0], dm.eval_images, pl_module.device, dtype)
             test_f, test_y = extract_readouts(pl_module.readouts, loaders[1], dm.eval_images, pl_module.device, dtype)
-        finally:
-            pl_module.train(was_training)
         num_classes = int(max(train_y.max(), test_y.max())) + 1
         scores = {}
         for name in train_f:

@@ -11,8 +11,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_kit.eval.features import FeatureKind, encoder_features
+from ssl_kit.encoders.features import FeatureKind, encoder_features
 from ssl_kit.eval.lars import LARS
+from ssl_kit.metrics import ValidationTop1
 from ssl_kit.optim import effective_batch_size, scaled_lr, with_warmup_cosine
 
 
@@ -22,18 +23,6 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     return head
-
-
-class ValidationTop1:
-    """Mixin for classifiers: logs ``val_loss`` and ``val_top1`` (torchmetrics, micro accuracy)."""
-
-    val_acc: MulticlassAccuracy
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.val_acc(logits, y)
-        self.log_dict({"val_loss": F.cross_entropy(logits, y), "val_top1": self.val_acc}, prog_bar=True, on_epoch=True, batch_size=len(y))
 
 
 class LinearProbe(ValidationTop1, pl.LightningModule):

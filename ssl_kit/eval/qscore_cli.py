@@ -17,9 +17,15 @@ import csv
 from typing import Any, Sequence
 
 import torch
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+)
 from torchvision.utils import save_image
 
+from ssl_kit.encoders import load_encoder
+from ssl_kit.encoders.features import READOUTS
+from ssl_kit.errors import UserError
 from ssl_kit.eval.cli import (
     ValHistory,
     base_parser,
@@ -32,10 +38,7 @@ from ssl_kit.eval.cli import (
     run_command,
     write_metrics,
 )
-from ssl_kit.eval.encoder_source import load_encoder
 from ssl_kit.eval.linear_probe import LinearProbe
-from ssl_kit.errors import UserError
-from ssl_kit.eval.features import READOUTS
 from ssl_kit.losses.qscore import feature_space, qscore, sparsity
 from ssl_kit.qscore import save_qscore_histogram
 

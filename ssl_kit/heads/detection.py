@@ -29,6 +29,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from ssl_kit.errors import UserError
 from ssl_kit.heads.segmentation import vit_feature_map
+from ssl_kit.runtime import eval_mode
 
 
 def _power_of_two(value: float) -> bool:
@@ -150,12 +151,8 @@ class ViTDetector(nn.Module):
 
     def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
         """Detections for ``[B, C, H, W]`` images in eval mode (the training mode is restored)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self.detect_from_features(images, self.features(images))
-        finally:
-            self.train(was_training)
 
     def classify_boxes(self, features: OrderedDict[str, Tensor], boxes: list[Tensor],
                        image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:

@@ -5,11 +5,17 @@ file. What the shared callbacks (k-NN monitor, export, pictures, EMA) rely on is
 
 * ``self.encoder``: the timm VisionTransformer that gets exported and evaluated;
 * ``self.encoder_spec``: how to rebuild it with plain timm;
-* ``readout``: the feature its paper evaluates (``cls`` or ``avgpool``, :data:`ssl_kit.eval.features.READOUTS`),
+* ``readout``: the feature its paper evaluates (``cls`` or ``avgpool``, :data:`ssl_kit.encoders.features.READOUTS`),
   ``readouts(images)`` both of them from one forward pass, ``embed(images) -> [B, D]`` the default one (k-NN
   monitor, Q-score); ``encoder_init`` how a random baseline of the same network is initialised (``mae`` or
   ``timm``, :func:`ssl_kit.encoders.build_random_encoder`);
+* ``checkpoint_monitor``: the logged metric (and mode) that picks the run's best checkpoint, ``None`` for the
+  k-NN monitor's ``knn_top1`` (the training loss when k-NN is off);
+* ``method_callbacks(pictures_dir)``: the callbacks the method brings to every run (its per-epoch pictures,
+  its EMA teacher); none by default;
 * optionally ``ema_pairs()`` for :class:`ssl_kit.teacher.EMATeacher`.
+
+The command line asks nothing else of a method: it reads these, it does not probe for attributes.
 
 Extra loss terms (e.g. the Q-score regulariser) are attached from outside with
 :meth:`SSLMethod.add_loss_term`; they are added to whatever loss the method's ``training_step``
@@ -18,6 +24,7 @@ returns, right before backward, so no method has to know about them.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import pytorch_lightning as pl
@@ -25,13 +32,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from ssl_kit.encoders import EncoderSpec, resolve_encoder_spec
-from ssl_kit.eval.features import READOUTS, readout_features
+from ssl_kit.encoders import CHECKPOINT_KEY, EncoderSpec, resolve_encoder_spec
+from ssl_kit.encoders.features import READOUTS, readout_features
 from ssl_kit.errors import NonFiniteLossError, UserError
-from ssl_kit.export import CHECKPOINT_KEY
 from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
-
-
 
 
 class SSLMethod(pl.LightningModule):
@@ -40,6 +44,13 @@ class SSLMethod(pl.LightningModule):
     encoder: VisionTransformer
     encoder_spec: EncoderSpec
     encoder_init: ClassVar[str] = "mae"  # init of the encoder before training: "mae" (xavier, sin-cos) or "timm"
+    # (metric, "max" | "min") of the run's best checkpoint; None: the k-NN monitor's knn_top1 (train loss without it)
+    checkpoint_monitor: ClassVar[tuple[str, str] | None] = None
+
+    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
+        """The callbacks this method adds to every ``ssl-pretrain`` run: its pictures (PNG files written into
+        ``pictures_dir`` each epoch) and its EMA teacher. None by default."""
+        return []
 
     @property
     def readout(self) -> str:

@@ -1,18 +1,21 @@
 """iBOT: masked image modelling with an online tokenizer (Zhou et al. 2022), METHODS.md section 3."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
 
+from ssl_kit.callbacks import ReconstructionPictures
 from ssl_kit.encoders import EncoderSpec, block_mask, build_encoder, random_count_mask
 from ssl_kit.heads.projection import IBOTHead
 from ssl_kit.losses.distillation import IBOTLoss
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.optim import cosine_schedule
-from ssl_kit.teacher import make_teacher
+from ssl_kit.teacher import EMATeacher, make_teacher
 from ssl_kit.validation import check_settings, require
 
 
@@ -28,8 +31,9 @@ def teacher_temperature(epoch: int, warmup_epochs: int, start: float, end: float
 class IBOT(SSLMethod):
     """Self-distillation on [CLS] (across views) and masked patch tokens (within a view), EMA teacher.
 
-    The teacher (encoder + head, updated by :class:`ssl_kit.teacher.EMATeacher`, cosine momentum
-    0.996 -> 1, which the recipe enables) sees the two UNMASKED global crops; the student sees
+    The teacher (encoder + head, updated after every optimizer step by the :class:`ssl_kit.teacher.EMATeacher`
+    this method brings, cosine momentum ``teacher_momentum`` -> ``teacher_momentum_final``) sees the two UNMASKED
+    global crops; the student sees
     the two global crops with masks (masked patch embeddings replaced by a learned embedding
     before [CLS] and position embeddings are added) plus the local crops. The teacher encoder is
     what gets exported and evaluated. Batches come from :class:`ssl_kit.data.MultiCropDataModule`.
@@ -50,6 +54,8 @@ class IBOT(SSLMethod):
         warmup_teacher_temp, warmup_teacher_temp2: start temperatures (0.04).
         warmup_teacher_temp_epochs: linear temperature warmup length in epochs (30).
         center_momentum, center_momentum2: center EMA (0.9).
+        teacher_momentum, teacher_momentum_final: the teacher's EMA momentum, cosine from the first to the
+            second over the run (0.996 -> 1).
         base_lr: lr per 256 images (5e-4). min_lr: cosine floor (1e-6). warmup_epochs: lr warmup (10).
         weight_decay, weight_decay_end: cosine weight-decay schedule per step (0.04 -> 0.4).
         betas: AdamW betas.
@@ -83,6 +89,8 @@ class IBOT(SSLMethod):
         warmup_teacher_temp_epochs: int = 30,
         center_momentum: float = 0.9,
         center_momentum2: float = 0.9,
+        teacher_momentum: float = 0.996,
+        teacher_momentum_final: float = 1.0,
         base_lr: float = 5e-4,
         min_lr: float = 1e-6,
         warmup_epochs: float = 10,
@@ -225,6 +233,12 @@ class IBOT(SSLMethod):
     def configure_optimizers(self) -> dict[str, Any]:
         return self.adamw_warmup_cosine({"encoder": self.encoder, "head": self.head,
                                          "mask": nn.ParameterList([self.mask_token])})
+
+    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
+        """Each epoch, a PNG of fixed images as :meth:`reconstruction_panels` shows them; the EMA teacher."""
+        hp = self.hparams
+        return [ReconstructionPictures(pictures_dir),
+                EMATeacher(schedule="cosine", base=hp.teacher_momentum, final=hp.teacher_momentum_final)]
 
     @torch.no_grad()
     def reconstruction_panels(self, images: Tensor) -> dict[str, Tensor]:

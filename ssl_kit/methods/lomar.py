@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_kit.callbacks import ReconstructionPictures
 from ssl_kit.encoders import (
     Windows,
     build_encoder,
@@ -20,7 +23,7 @@ from ssl_kit.encoders import (
 )
 from ssl_kit.losses.reconstruction import masked_mse_loss
 from ssl_kit.methods.base import SSLMethod
-from ssl_kit.rpe import DEFAULT_RATIO, irpe_spec
+from ssl_kit.encoders.rpe import DEFAULT_RATIO, irpe_spec
 from ssl_kit.validation import check_settings, require
 
 
@@ -50,7 +53,7 @@ class LoMaR(SSLMethod):
     Every window (all K*K tokens, masked ones replaced by a learned mask token, plus [CLS]) goes
     through the encoder as its own sequence: the encoder batch is B*M sequences of K*K + 1
     tokens. There is no absolute position embedding; the encoder is a timm ViT with contextual
-    relative position encoding in every attention layer (:mod:`ssl_kit.rpe`), so its cost per
+    relative position encoding in every attention layer (:mod:`ssl_kit.encoders.rpe`), so its cost per
     image is constant in resolution. A LayerNorm (the encoder's final norm) + Linear head
     predicts pixels.
 
@@ -172,6 +175,10 @@ class LoMaR(SSLMethod):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.adamw_warmup_cosine({"lomar": self})
+
+    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
+        """Each epoch, a PNG of fixed images as :meth:`reconstruction_panels` shows them."""
+        return [ReconstructionPictures(pictures_dir)]
 
     @torch.no_grad()
     def reconstruction_panels(self, images: Tensor) -> dict[str, Tensor]:

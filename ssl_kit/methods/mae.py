@@ -1,11 +1,14 @@
 """MAE: masked autoencoder pretraining (He et al. 2021), METHODS.md section 1."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from ssl_kit.callbacks import ReconstructionPictures
 from ssl_kit.encoders import (
     RandomMask,
     build_encoder,
@@ -139,6 +142,10 @@ class MAE(SSLMethod):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.adamw_warmup_cosine({"encoder": self.encoder, "decoder": self.decoder})
+
+    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
+        """Each epoch, a PNG of fixed images as :meth:`reconstruction_panels` shows them."""
+        return [ReconstructionPictures(pictures_dir)]
 
     @torch.no_grad()
     def reconstruction_panels(self, images: Tensor) -> dict[str, Tensor]:

@@ -29,6 +29,7 @@ from ssl_kit.errors import UserError
 from ssl_kit.losses.semi import centred_feedback, uda_consistency
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
 from ssl_kit.optim import effective_batch_size, scaled_lr, steps_per_epoch, warmup_cosine
+from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import ema_update, inverse_momentum, make_teacher
 from ssl_kit.validation import check_settings
 
@@ -50,11 +51,8 @@ class MPLStep:
 @torch.no_grad()
 def labeled_cross_entropy(student: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
     """Student CE on the labeled batch, deterministic (eval mode, restored after)."""
-    was_training = student.training
-    student.eval()
-    ce = F.cross_entropy(student(images), labels)
-    student.train(was_training)
-    return ce
+    with eval_mode(student):
+        return F.cross_entropy(student(images), labels)
 
 
 def meta_pseudo_labels_step(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -14,12 +15,14 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from ssl_kit.data.box_geometry import clip_and_keep, map_boxes, transform_boxes
 from ssl_kit.errors import UserError
-from ssl_kit.eval.encoder_source import load_encoder
+from ssl_kit.callbacks import DetectionPictures
+from ssl_kit.encoders import load_encoder
 from ssl_kit.heads.detection import ViTDetector
 from ssl_kit.losses.soft_teacher import box_uncertainty, confident, jitter_boxes, reliable, soft_background_ce
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import classifier_param_groups, pretrained_or_random
 from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
+from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_teacher
 from ssl_kit.validation import check_settings
 
@@ -129,8 +132,9 @@ class SoftTeacher(StudentTeacherMethod):
         self._epoch_pseudo_boxes = 0
 
     # ------------------------------------------------------------------ contract
-    def default_callbacks(self) -> list[pl.Callback]:
-        return [EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
+    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
+        """Detection pictures (:meth:`detection_panels`), and the EMA teacher."""
+        return [DetectionPictures(pictures_dir), EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
 
     def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
         """``[B, C, H, W]`` -> the teacher's detections (``boxes``, ``scores``, ``labels`` per image)."""
@@ -282,10 +286,8 @@ class SoftTeacher(StudentTeacherMethod):
     def detection_panels(self, images: Tensor) -> dict[str, list[dict[str, Tensor]]]:
         """For pictures: the teacher's pseudo-box candidates (with score and uncertainty) and the student's
         detections for ``[B, C, H, W]`` images."""
-        was_training = self.teacher.training
-        panels = {"teacher": self.pseudo_boxes(images), "student": self.student.detect(images)}
-        self.teacher.train(was_training)
-        return panels
+        with eval_mode(self.teacher):  # pseudo_boxes puts the teacher in eval mode, as in training
+            return {"teacher": self.pseudo_boxes(images), "student": self.student.detect(images)}
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW: the encoder at ``base_lr`` (scaled by the batch) with layer decay, the pyramid and heads at

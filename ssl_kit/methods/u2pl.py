@@ -2,6 +2,7 @@
 METHODS.md section 6, on the shared ViT with a progressive upsampling head."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -12,7 +13,8 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from ssl_kit.data.augment import apply_cutmix, cutmix_masks
 from ssl_kit.errors import UserError
-from ssl_kit.eval.encoder_source import load_encoder
+from ssl_kit.callbacks import SegmentationPictures
+from ssl_kit.encoders import load_encoder
 from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNet
 from ssl_kit.losses.u2pl import (
     IGNORE, ClassMemoryBank, high_entropy_mask, low_entropy_mask, negative_candidates, pixel_entropy,
@@ -20,6 +22,7 @@ from ssl_kit.losses.u2pl import (
 )
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import pretrained_or_random
+from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_teacher
 from ssl_kit.validation import check_settings, require
 
@@ -121,8 +124,9 @@ class U2PL(StudentTeacherMethod):
         self.val_miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE)
 
     # ------------------------------------------------------------------ contract
-    def default_callbacks(self) -> list[pl.Callback]:
-        return [EMATeacher(schedule="inverse", cap=self.hparams.ema_decay, start_epoch=self.hparams.sup_only_epochs)]
+    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
+        """Segmentation pictures (:meth:`reliability_maps`), and the EMA teacher, started after the warm-up."""
+        return [SegmentationPictures(pictures_dir), EMATeacher(schedule="inverse", cap=self.hparams.ema_decay, start_epoch=self.hparams.sup_only_epochs)]
 
     def forward(self, images: Tensor) -> Tensor:
         """``[B, C, H, W]`` -> teacher logits ``[B, K, H, W]``."""
@@ -210,10 +214,8 @@ class U2PL(StudentTeacherMethod):
     def reliability_maps(self, images: Tensor) -> dict[str, Tensor]:
         """What the unsupervised loss would see for these images (teacher, eval mode): pseudo labels, entropy and
         the reliable mask at the current alpha_t. ``[B, C, H, W]`` -> ``[B, H, W]`` maps."""
-        was_training = self.teacher.training
-        self.teacher.eval()
-        probs = self.teacher(images).logits.softmax(dim=1)
-        self.teacher.train(was_training)
+        with eval_mode(self.teacher):
+            probs = self.teacher(images).logits.softmax(dim=1)
         entropy = pixel_entropy(probs)
         unreliable = high_entropy_mask(entropy, torch.ones_like(entropy, dtype=torch.bool), self.current_alpha())
         return {"pseudo": probs.argmax(dim=1), "entropy": entropy, "reliable": ~unreliable}

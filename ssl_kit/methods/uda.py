@@ -1,6 +1,7 @@
 """UDA: Unsupervised Data Augmentation with Training Signal Annealing (Xie et al. 2020), METHODS.md section 4."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -86,8 +87,9 @@ class UDA(SemiSupervisedClassifier):
         """The model whose weak-view predictions are the consistency targets, and the mask threshold."""
         return self.encoder, self.hparams.confidence_threshold
 
-    def default_callbacks(self) -> list[pl.Callback]:
-        return [EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
+    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
+        """Pseudo-label pictures, and the EMA of the classifier (evaluated and exported)."""
+        return [*super().method_callbacks(pictures_dir), EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
 
     def setup(self, stage: str) -> None:
         self.check_data(needs_unlabeled=self.hparams.unsup_weight > 0)

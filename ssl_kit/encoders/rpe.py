@@ -19,7 +19,7 @@ Because buckets depend only on offsets, and offsets beyond the trained window fa
 outermost (clipped) buckets, an encoder trained on 7 x 7 windows runs on any full-image grid
 without interpolation: :class:`VisionTransformerIRPE` sets the grid from its patch embedding.
 
-The encoder is registered with timm as ``vit_irpe_patch16_224`` (importing ``ssl_kit`` registers
+The encoder is registered with timm as ``vit_irpe_patch16_224`` (importing ``ssl_kit.encoders`` registers
 it), so exported weights load with ``timm.create_model("vit_irpe_patch16_224", pretrained=True,
 pretrained_cfg_overlay=dict(file=...), **kwargs)``.
 """
@@ -37,7 +37,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from ssl_kit.encoders import EncoderConfigError, EncoderSpec
+from ssl_kit.encoders.factory import EncoderConfigError, EncoderSpec
 
 IRPE_MODEL = "vit_irpe_patch16_224"
 DEFAULT_RATIO = 1.9

@@ -1,9 +1,17 @@
-"""Get an encoder to evaluate: from any ssl_kit checkpoint, an export, or a random initialisation.
+"""Encoders in and out: the timm-loadable export (``model.safetensors`` + ``config.json``), the record a method
+checkpoint carries, and :func:`load_encoder`, which gets an encoder to evaluate from a checkpoint, an export or a
+random initialisation.
 
-All three end the same way: a timm VisionTransformer built with ``timm.create_model`` from the
-recorded name and kwargs (plus evaluation overrides such as ``num_classes``, ``global_pool`` or
-``drop_path_rate``), and the weights loaded through timm's own ViT checkpoint filter, which
-resamples the position embedding when the evaluation image size differs.
+An export loads with plain timm::
+
+    cfg = json.load(open("encoder/config.json"))
+    model = timm.create_model(cfg["timm_name"], pretrained=True, **cfg["kwargs"], pretrained_cfg_overlay=dict(
+        file="encoder/model.safetensors", num_classes=cfg["kwargs"]["num_classes"]))  # keeps a saved head
+
+or :func:`load_exported_encoder`. :func:`load_encoder` ends the same way for all three sources: a timm
+VisionTransformer built with ``timm.create_model`` from the recorded name and kwargs (plus evaluation overrides such as
+``num_classes``, ``global_pool`` or ``drop_path_rate``), and the weights loaded through timm's own ViT checkpoint
+filter, which resamples the position embedding when the evaluation image size differs.
 """
 from __future__ import annotations
 
@@ -15,19 +23,68 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
-from ssl_kit.encoders import EncoderSpec, build_random_encoder, resolve_encoder_spec, select_attention_kernel
+from ssl_kit.encoders.factory import EncoderSpec, build_random_encoder, resolve_encoder_spec, select_attention_kernel
 from ssl_kit.errors import UserError
-from ssl_kit.export import CHECKPOINT_KEY, CONFIG, WEIGHTS
 
 log = logging.getLogger("ssl_kit")
 
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# the key under which a method checkpoint records its encoder spec (read by evaluation and export)
+CHECKPOINT_KEY = "ssl_kit"
 # ``--random_init same``: the checkpoint's / export's own network, untrained
 SAME = "same"
 # Keys an evaluation head may add or drop relative to the pretrained encoder.
 _HEAD_KEYS = ("head.", "fc_norm.", "norm.")
+
+
+def export_encoder(encoder: nn.Module, spec: EncoderSpec, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the encoder's weights and the timm name/kwargs that rebuild it.
+
+    Args:
+        encoder: the timm VisionTransformer (teacher or student).
+        spec: its :class:`EncoderSpec`.
+        out_dir: destination folder (created).
+        extra: informational fields for config.json (method, epoch, ...).
+
+    Returns:
+        The folder written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "timm_name": spec.timm_name})
+    config = {"timm_name": spec.timm_name, "kwargs": spec.kwargs, **(extra or {})}
+    (out / CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return out
+
+
+def read_export_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The export folder (given as the folder or its config.json) and its config; a clear error when it is not one."""
+    folder = Path(path)
+    if folder.name == CONFIG:
+        folder = folder.parent
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise UserError(f"{folder} is not an ssl_kit encoder export (needs {CONFIG} and {WEIGHTS}).")
+    return folder, json.loads((folder / CONFIG).read_text())
+
+
+def load_exported_encoder(path: str | Path, **overrides: Any) -> nn.Module:
+    """Rebuild an exported encoder with ``timm.create_model(..., pretrained=True)``.
+
+    Args:
+        path: the export folder (or its config.json).
+        **overrides: kwargs that replace the saved ones (e.g. ``img_size`` for another resolution;
+            timm then resamples the position embedding).
+    """
+    folder, config = read_export_config(path)
+    kwargs = dict(config["kwargs"], **overrides)
+    # the overlay's num_classes is the SAVED head size: timm keeps a saved classifier head only when it matches
+    overlay = dict(file=str(folder / WEIGHTS), num_classes=config["kwargs"].get("num_classes", 0))
+    return timm.create_model(config["timm_name"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 @dataclass
@@ -77,11 +134,9 @@ def read_checkpoint(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor], d
     return EncoderSpec(enc["timm_name"], dict(enc["kwargs"])), state, record
 
 
-def _read_export(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor], dict[str, Any]]:
-    folder = path.parent if path.name == CONFIG else path
-    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise UserError(f"{folder} is not an ssl_kit encoder export (needs {CONFIG} and {WEIGHTS}).")
-    config = json.loads((folder / CONFIG).read_text())
+def read_export(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor], dict[str, Any]]:
+    """The encoder spec, its weights and the config (method record included) of an export."""
+    folder, config = read_export_config(path)
     return EncoderSpec(config["timm_name"], dict(config["kwargs"])), load_file(str(folder / WEIGHTS)), config
 
 
@@ -92,11 +147,7 @@ def encoder_record(source: EncoderSource) -> tuple[EncoderSpec | None, dict[str,
         spec, _, record = read_checkpoint(Path(source.ckpt))
         return spec, record
     if source.encoder:
-        folder = Path(source.encoder)
-        folder = folder.parent if folder.name == CONFIG else folder
-        if not (folder / CONFIG).is_file():
-            raise UserError(f"{folder} is not an ssl_kit encoder export (needs {CONFIG} and {WEIGHTS}).")
-        config = json.loads((folder / CONFIG).read_text())
+        _, config = read_export_config(source.encoder)
         return EncoderSpec(config["timm_name"], dict(config["kwargs"])), config
     return None, {}
 
@@ -139,7 +190,7 @@ def load_encoder(
         model = build_random_encoder(spec, "mae")
         select_attention_kernel(model, 1 + model.patch_embed.num_patches)
         return model, spec
-    spec, state, record = read_checkpoint(Path(source.ckpt)) if source.ckpt else _read_export(Path(source.encoder))
+    spec, state, record = read_checkpoint(Path(source.ckpt)) if source.ckpt else read_export(Path(source.encoder))
     if source.same_random_init:
         state = build_random_encoder(spec, recorded_init(record)).state_dict()
     trained_chans, trained_size = spec.kwargs.get("in_chans", 3), spec.kwargs.get("img_size")

@@ -1,4 +1,5 @@
-"""Frozen-encoder features for probes: [CLS], average-pooled patches, or the last n blocks' [CLS]."""
+"""Features of an encoder, for monitors, probes and k-NN: [CLS], the mean patch token (its readouts), the last n
+blocks' [CLS], and how spread out a set of features is."""
 from __future__ import annotations
 
 from typing import Literal
