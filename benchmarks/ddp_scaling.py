@@ -56,9 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # ssl_kit itself comes from the installed package
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "1p2t": dict(procs=1, threads=2, batch_div=1, hook=True, label="1 proc x 2 threads"),

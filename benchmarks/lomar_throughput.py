@@ -29,9 +29,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # ssl_kit itself comes from the installed package
 
 from mae_throughput import cpu_pressure, matmul_peak_gflops, max_rss_mib  # noqa: E402
 

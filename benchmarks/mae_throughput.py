@@ -25,9 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # ssl_kit itself comes from the installed package
 
 CONFIGS: list[dict[str, int]] = [
     dict(img_size=32, patch_size=4, batch=64),
