@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from ssl_kit.data import SegmentationDataModule
 from ssl_kit.encoders import load_encoder, set_sincos_pos_embed
 from ssl_kit.eval.knn import weighted_knn
-from ssl_kit.heads.segmentation import vit_feature_map
+from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNet, vit_feature_map
 from ssl_kit.methods import U2PL
 from ssl_kit.methods.classifier import classifier_param_groups, pretrained_or_random
 
@@ -94,7 +94,8 @@ def feature_checks(encoder: str | None) -> dict[str, dict[str, float]]:
     }
 
 
-def segmentation_curve(encoder: str | None, labeled: int, steps: int, every: int, seed: int = 0) -> list[dict]:
+def segmentation_curve(encoder: str | None, labeled: int, steps: int, every: int, seed: int = 0,
+                       encoder_lr: float = 5e-4, head_lr: float = 5e-3, patch_size: int | None = None) -> list[dict]:
     torch.manual_seed(seed)
     dm = SegmentationDataModule(labeled_images=labeled, unlabeled_ratio=0, seed=seed)
     dm.setup()
@@ -104,10 +105,14 @@ def segmentation_curve(encoder: str | None, labeled: int, steps: int, every: int
     val_y = torch.stack([dm.val_set[i][1] for i in range(300)]).long()
     train_x, train_y = dm.eval_images(x[:300]), y[:300].long()
     net = U2PL(init_from=encoder, drop_path_rate=0.1).student
+    if patch_size is not None:  # the encoder's patch embedding resampled (timm), the head upsampling to stride 2
+        vit, _ = load_encoder(pretrained_or_random(encoder, "tiny", patch_size, {"depth": 6}), 64, 1, num_classes=0,
+                              drop_path_rate=0.1, patch_size=patch_size)
+        net = SegmentationNet(vit, ProgressiveUpsamplingHead(vit.embed_dim, 11, num_upsample=int(patch_size // 2).bit_length() - 1))
     groups = classifier_param_groups(net.encoder, 0.05, 1.0)
     for g in groups:
-        g["lr"] = 5e-4
-    groups.append({"params": list(net.head.parameters()), "lr": 5e-3, "weight_decay": 0.05})
+        g["lr"] = encoder_lr
+    groups.append({"params": list(net.head.parameters()), "lr": head_lr, "weight_decay": 0.05})
     opt = torch.optim.AdamW(groups)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.1)
 
@@ -146,13 +151,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default=None, help="encoder export (default: random init)")
     parser.add_argument("--skip_training", action="store_true")
+    parser.add_argument("--curves_only", action="store_true", help="skip the item k-NN measurements")
+    parser.add_argument("--labeled", type=int, nargs="+", default=[125, 2000], help="labeled scenes of each curve")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--encoder_lr", type=float, default=5e-4, help="peak one-cycle lr of the encoder")
+    parser.add_argument("--head_lr", type=float, default=5e-3, help="peak one-cycle lr of the head")
+    parser.add_argument("--patch_size", type=int, default=None,
+                        help="segment with this patch size (the encoder's patch embedding resampled); default: its own")
     parser.add_argument("--out", default=str(RESULTS / "seg_diagnosis.json"))
     args = parser.parse_args()
-    result = {"encoder": args.encoder, "item_knn": feature_checks(args.encoder)}
-    print(json.dumps(result["item_knn"], indent=1), flush=True)
+    result = {"encoder": args.encoder, "encoder_lr": args.encoder_lr, "head_lr": args.head_lr,
+              "patch_size": args.patch_size}
+    if not args.curves_only:
+        result["item_knn"] = feature_checks(args.encoder)
+        print(json.dumps(result["item_knn"], indent=1), flush=True)
     if not args.skip_training:
-        result["curves"] = {"125_labeled": segmentation_curve(args.encoder, 125, 600, 150),
-                            "2000_labeled": segmentation_curve(args.encoder, 2000, 600, 150)}
+        result["curves"] = {f"{n}_labeled": segmentation_curve(args.encoder, n, args.steps, args.steps // 4,
+                                                               encoder_lr=args.encoder_lr, head_lr=args.head_lr,
+                                                               patch_size=args.patch_size)
+                            for n in args.labeled}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
