@@ -1,7 +1,7 @@
 """Callbacks shared by every method: the end-of-training encoder export and the checkpoint written when the run is
-told to stop (SIGTERM); and the per-epoch pictures that methods add through ``SSLMethod.method_callbacks``, each
-showing what one method hook returns (``reconstruction_panels``, ``pseudo_labeller``, ``reliability_maps``,
-``detection_panels``)."""
+told to stop (SIGTERM); and the per-epoch pictures that several methods add through ``SSLMethod.method_callbacks``
+(``reconstruction_panels`` of MAE / LoMaR / iBOT, ``pseudo_labeller`` of UDA / MPL) with :class:`ValidationPictures`,
+the base of U2PL's and Soft Teacher's own pictures (in their files)."""
 from __future__ import annotations
 
 import logging
@@ -20,7 +20,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ssl_kit.encoders import export_encoder
 from ssl_kit.runtime import eval_mode
-from ssl_kit.viz import save_detection_grid, save_panel_grid, save_pseudo_label_grid, save_segmentation_grid
+from ssl_kit.viz import save_panel_grid, save_pseudo_label_grid
 
 log = logging.getLogger("ssl_kit")
 
@@ -111,38 +111,6 @@ class ValidationPictures(pl.Callback, ABC):
     @abstractmethod
     def save_picture(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
         """Save a picture of ``samples`` (validation items as the data set returns them) as ``path``."""
-
-
-class SegmentationPictures(ValidationPictures):
-    """``segmentation_epoch_NNN.png``: validation images with their ground truth and what the method's teacher
-    makes of them (``reliability_maps``): pseudo label, entropy, reliable mask."""
-
-    name = "segmentation"
-
-    def save_picture(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
-        images, masks = dm.on_after_batch_transfer(
-            (torch.stack([s[0] for s in samples]).to(pl_module.device), torch.stack([torch.as_tensor(s[1]) for s in samples])),
-            0)
-        maps = pl_module.reliability_maps(images)
-        save_segmentation_grid(images, masks, maps["pseudo"], maps["entropy"], maps["reliable"], path, dm.mean, dm.std,
-                               pl_module.hparams.num_classes, pl_module.current_alpha())
-
-
-class DetectionPictures(ValidationPictures):
-    """``detection_epoch_NNN.png``: validation images with their ground-truth boxes, the teacher's pseudo-box
-    candidates (score / uncertainty) and the student's detections (``detection_panels``)."""
-
-    name = "detection"
-
-    def __init__(self, out_dir: str | Path, num_images: int = 4) -> None:
-        super().__init__(out_dir, num_images)
-
-    def save_picture(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
-        images = dm.eval_images(torch.stack([s[0] for s in samples]).to(pl_module.device))
-        panels = pl_module.detection_panels(images)
-        hp = pl_module.hparams
-        save_detection_grid(images, [s[1] for s in samples], panels["teacher"], panels["student"], path, dm.mean,
-                            dm.std, dm.classes, hp.cls_threshold, hp.reg_threshold)
 
 
 class EncoderExport(pl.Callback):

@@ -15,7 +15,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from ssl_kit.data.box_geometry import clip_and_keep, map_boxes, transform_boxes
 from ssl_kit.errors import UserError
-from ssl_kit.callbacks import DetectionPictures
+from ssl_kit.callbacks import ValidationPictures
 from ssl_kit.encoders import load_encoder
 from ssl_kit.heads.detection import ViTDetector
 from ssl_kit.losses.soft_teacher import box_uncertainty, confident, jitter_boxes, reliable, soft_background_ce
@@ -25,6 +25,7 @@ from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_teacher
 from ssl_kit.validation import check_settings
+from ssl_kit.viz import save_detection_grid
 
 log = logging.getLogger("ssl_kit")
 Features = OrderedDict[str, Tensor]
@@ -34,6 +35,23 @@ Targets = list[dict[str, Tensor]]
 def split_features(features: Features, n: int) -> tuple[Features, Features]:
     """Pyramid maps of a concatenated batch -> (first ``n`` images, the rest)."""
     return (OrderedDict((k, v[:n]) for k, v in features.items()), OrderedDict((k, v[n:]) for k, v in features.items()))
+
+
+class DetectionPictures(ValidationPictures):
+    """``detection_epoch_NNN.png``: validation images with their ground-truth boxes, the teacher's pseudo-box
+    candidates (score / uncertainty) and the student's detections (``detection_panels``)."""
+
+    name = "detection"
+
+    def __init__(self, out_dir: str | Path, num_images: int = 4) -> None:
+        super().__init__(out_dir, num_images)
+
+    def save_picture(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
+        images = dm.eval_images(torch.stack([s[0] for s in samples]).to(pl_module.device))
+        panels = pl_module.detection_panels(images)
+        hp = pl_module.hparams
+        save_detection_grid(images, [s[1] for s in samples], panels["teacher"], panels["student"], path, dm.mean,
+                            dm.std, dm.classes, hp.cls_threshold, hp.reg_threshold)
 
 
 class SoftTeacher(StudentTeacherMethod):

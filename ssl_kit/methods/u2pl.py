@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from ssl_kit.data.augment import apply_cutmix, cutmix_masks
 from ssl_kit.errors import UserError
-from ssl_kit.callbacks import SegmentationPictures
+from ssl_kit.callbacks import ValidationPictures
 from ssl_kit.encoders import load_encoder
 from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNet
 from ssl_kit.losses.u2pl import (
@@ -25,11 +25,27 @@ from ssl_kit.methods.classifier import pretrained_or_random
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_teacher
 from ssl_kit.validation import check_settings, require
+from ssl_kit.viz import save_segmentation_grid
 
 
 def downsample_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """``[B, H, W]`` label / bool map -> ``[B, h, w]`` (nearest), dtype kept."""
     return F.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0].to(maps.dtype)
+
+
+class SegmentationPictures(ValidationPictures):
+    """``segmentation_epoch_NNN.png``: validation images with their ground truth and what the method's teacher
+    makes of them (``reliability_maps``): pseudo label, entropy, reliable mask."""
+
+    name = "segmentation"
+
+    def save_picture(self, dm: pl.LightningDataModule, pl_module: pl.LightningModule, samples: list, path: Path) -> None:
+        images, masks = dm.on_after_batch_transfer(
+            (torch.stack([s[0] for s in samples]).to(pl_module.device), torch.stack([torch.as_tensor(s[1]) for s in samples])),
+            0)
+        maps = pl_module.reliability_maps(images)
+        save_segmentation_grid(images, masks, maps["pseudo"], maps["entropy"], maps["reliable"], path, dm.mean, dm.std,
+                               pl_module.hparams.num_classes, pl_module.current_alpha())
 
 
 class U2PL(StudentTeacherMethod):
