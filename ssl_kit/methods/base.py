@@ -49,7 +49,7 @@ class SSLMethod(pl.LightningModule):
 
     def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
         """The callbacks this method adds to every ``ssl-pretrain`` run: its pictures (PNG files written into
-        ``pictures_dir`` each epoch) and its EMA teacher. None by default."""
+        ``pictures_dir`` each epoch) and its EMA teacher; an empty list by default."""
         return []
 
     @property

@@ -142,7 +142,8 @@ class U2PL(StudentTeacherMethod):
     # ------------------------------------------------------------------ contract
     def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
         """Segmentation pictures (:meth:`reliability_maps`), and the EMA teacher, started after the warm-up."""
-        return [SegmentationPictures(pictures_dir), EMATeacher(schedule="inverse", cap=self.hparams.ema_decay, start_epoch=self.hparams.sup_only_epochs)]
+        return [SegmentationPictures(pictures_dir),
+                EMATeacher(schedule="inverse", cap=self.hparams.ema_decay, start_epoch=self.hparams.sup_only_epochs)]
 
     def forward(self, images: Tensor) -> Tensor:
         """``[B, C, H, W]`` -> teacher logits ``[B, K, H, W]``."""
