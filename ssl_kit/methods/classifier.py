@@ -6,13 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_kit.callbacks import PseudoLabelPictures
 from ssl_kit.encoders import EncoderSource, EncoderSpec, encoder_record, load_encoder
 from ssl_kit.errors import UserError
 from ssl_kit.methods.base import SSLMethod
@@ -93,14 +91,6 @@ class SemiSupervisedClassifier(ValidationTop1, SSLMethod):
     which the run's "best" checkpoint follows."""
 
     checkpoint_monitor = ("val_top1", "max")
-
-    def pseudo_labeller(self) -> tuple[nn.Module, float]:
-        """The model whose weak-view predictions are the pseudo labels, and its confidence threshold."""
-        raise NotImplementedError(f"{type(self).__name__} must say which model labels the unlabeled images")
-
-    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
-        """Each epoch, fixed unlabeled images in weak / strong views with the :meth:`pseudo_labeller`'s labels."""
-        return [PseudoLabelPictures(pictures_dir)]
 
     def init_metrics(self, num_classes: int) -> None:
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -17,14 +17,17 @@ lr of 0 gives h = 0 exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ssl_kit.callbacks import PseudoLabelPictures
 from ssl_kit.errors import UserError
 from ssl_kit.losses.semi import centred_feedback, uda_consistency
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
@@ -209,6 +212,11 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         images, labels = batch
         self.val_acc_teacher(self.teacher(images), labels)
         self.log("val_top1_teacher", self.val_acc_teacher, prog_bar=True, on_epoch=True, batch_size=len(labels))
+
+    def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
+        """Each epoch, fixed unlabeled images in weak / strong views with the teacher's labels (the student's EMA
+        is updated inside the training step, right after each student step)."""
+        return [PseudoLabelPictures(pictures_dir)]
 
     def pseudo_labeller(self) -> tuple[nn.Module, float]:
         """The teacher, and its UDA confidence threshold (for the pseudo-label pictures)."""

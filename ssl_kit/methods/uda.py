@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from torch import Tensor
 import torch
 
+from ssl_kit.callbacks import PseudoLabelPictures
 from ssl_kit.losses.semi import entropy, tsa_cross_entropy, tsa_threshold, uda_consistency
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
 from ssl_kit.optim import adamw_warmup_cosine
@@ -89,7 +90,7 @@ class UDA(SemiSupervisedClassifier):
 
     def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
         """Pseudo-label pictures, and the EMA of the classifier (evaluated and exported)."""
-        return [*super().method_callbacks(pictures_dir), EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
+        return [PseudoLabelPictures(pictures_dir), EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
 
     def setup(self, stage: str) -> None:
         self.check_data(needs_unlabeled=self.hparams.unsup_weight > 0)
