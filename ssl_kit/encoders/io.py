@@ -117,7 +117,7 @@ def read_checkpoint(path: Path) -> tuple[EncoderSpec, dict[str, torch.Tensor], d
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # lazy: the record alone reads little
     except Exception as err:  # unpickling errors have many types
         raise UserError(f"Cannot read checkpoint {path}: {err}") from err
     record = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
