@@ -23,3 +23,14 @@ def test_device_check_smoke_writes_every_figure(tmp_path):
     assert result["bf16_over_fp32"] > 0 and result["lomar_over_mae_64px"] > 0
     assert result["compile_rows"] == "skipped: no CUDA"
     assert result["fsdp_2_steps"] == {"ran": False, "reason": "Lightning's FSDP strategy needs CUDA; this machine has none"}
+
+
+def test_device_check_runs_only_the_parts_asked_for_at_the_batch_given(tmp_path):
+    out = tmp_path / "device_check.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--seconds", "0.1", "--parts", "mae224", "--batch", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {k: v for k, v in result.items() if isinstance(v, dict)}
+    assert sorted(rows) == ["mae_tiny_32px_bf16", "mae_tiny_32px_fp32"]
+    assert {v["batch"] for v in rows.values()} == {2}
