@@ -6,7 +6,7 @@ A method that keeps teachers implements one explicit interface::
         return [(self.student_encoder, self.teacher_encoder)]   # (student, teacher)
 
 The teachers are ordinary sub-modules of the LightningModule, so every checkpoint carries
-them. They must have ``requires_grad=False`` (use :func:`make_teacher`): DDP registers only
+them. They must have ``requires_grad=False`` (use :func:`make_ema_copy`): DDP registers only
 parameters that need gradients, so a teacher is never synchronised or reduced by DDP, and it is
 updated identically on every rank by :class:`EMATeacher` from the (already synchronised) student.
 """
@@ -32,7 +32,7 @@ class HasEMAPairs(Protocol):
         ...
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
+def make_ema_copy(student: nn.Module) -> nn.Module:
     """A frozen deep copy of ``student`` to be used as its EMA teacher."""
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
@@ -130,7 +130,7 @@ class EMATeacher(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for student, teacher in self.pairs(pl_module):
             if any(p.requires_grad for p in teacher.parameters()):
-                raise ValueError("teacher parameters must not require gradients: build it with make_teacher()")
+                raise ValueError("teacher parameters must not require gradients: build it with make_ema_copy()")
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:

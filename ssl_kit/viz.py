@@ -125,7 +125,7 @@ def save_segmentation_grid(
     return path
 
 
-def _draw_boxes(axis: object, boxes: Tensor, labels: Tensor, colours: Sequence, captions: list[str]) -> None:
+def _plot_boxes(axis: object, boxes: Tensor, labels: Tensor, colours: Sequence, captions: list[str]) -> None:
     from matplotlib.patches import Rectangle
 
     for box, label, caption in zip(boxes.tolist(), labels.tolist(), captions):
@@ -172,16 +172,16 @@ def save_detection_grid(
         for j in range(3):
             axes[i][j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
             axes[i][j].axis("off")
-        _draw_boxes(axes[i][0], gt["boxes"].cpu(), gt["labels"].cpu(), colours, [short[c] for c in gt["labels"].tolist()])
+        _plot_boxes(axes[i][0], gt["boxes"].cpu(), gt["labels"].cpu(), colours, [short[c] for c in gt["labels"].tolist()])
         captions = [f"{short[c]} {s:.2f}/{u:.3f}{'*' if u < reg_threshold else ''}"
                     for c, s, u in zip(tea["labels"].tolist(), tea["scores"].tolist(), tea["uncertainty"].tolist())]
         confident = tea["scores"] > cls_threshold
-        _draw_boxes(axes[i][1], tea["boxes"][confident], tea["labels"][confident], colours,
+        _plot_boxes(axes[i][1], tea["boxes"][confident], tea["labels"][confident], colours,
                     [c for c, k in zip(captions, confident.tolist()) if k])
         for patch_box, label, caption in zip(tea["boxes"][~confident], tea["labels"][~confident],
                                              [c for c, k in zip(captions, confident.tolist()) if not k]):
-            _draw_boxes(axes[i][1], patch_box[None], label[None], [(0.6, 0.6, 0.6, 1.0)] * 10, [caption])
-        _draw_boxes(axes[i][2], stu["boxes"][keep], stu["labels"][keep], colours,
+            _plot_boxes(axes[i][1], patch_box[None], label[None], [(0.6, 0.6, 0.6, 1.0)] * 10, [caption])
+        _plot_boxes(axes[i][2], stu["boxes"][keep], stu["labels"][keep], colours,
                     [f"{short[c]} {s:.2f}" for c, s in zip(stu["labels"][keep].tolist(), stu["scores"][keep].tolist())])
         if i == 0:
             for j, title in enumerate(titles):

@@ -99,7 +99,7 @@ def test_teacher_sees_no_mask_and_student_sees_the_mask_embedding():
     with torch.no_grad():
         model.mask_token.fill_(1e4)
     seen = {}
-    model.teacher.blocks[0].register_forward_hook(lambda m, a, o: seen.update(teacher=a[0]))
+    model.ema_teacher.blocks[0].register_forward_hook(lambda m, a, o: seen.update(teacher=a[0]))
     model.encoder.blocks[0].register_forward_hook(lambda m, a, o: None if "student" in seen else seen.update(student=a[0]))
     model(views(), masks=torch.ones(2, 3, 64, dtype=torch.bool))
     assert seen["teacher"].abs().max() < 100 and seen["student"][:, 1:].abs().min() > 100
@@ -161,10 +161,10 @@ def test_last_layer_frozen_in_first_epoch_only(monkeypatch):
 
 def test_teacher_is_exported_and_frozen_weight_norm_magnitude():
     model = tiny_ibot()
-    assert model.export_module() is model.teacher and model.export_prefix() == "teacher."
-    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert model.export_module() is model.ema_teacher and model.export_prefix() == "ema_teacher."
+    assert not any(p.requires_grad for p in model.ema_teacher.parameters())
     g = model.head.last_layer.parametrizations.weight.original0
     assert not g.requires_grad and torch.all(g == 1)
-    assert not model.teacher.training and not model.teacher_head.training  # from construction on
+    assert not model.ema_teacher.training and not model.ema_teacher_head.training  # from construction on
     model.train()
-    assert model.encoder.training and not model.teacher.training  # teacher runs without drop-path
+    assert model.encoder.training and not model.ema_teacher.training  # teacher runs without drop-path

@@ -26,7 +26,7 @@ def test_ibot_recipe_runs_logs_schedules_and_exports_the_teacher(tmp_path):
     assert any(r.get("knn_top1") for r in rows) and any(r.get("patch_loss_step") for r in rows)
     assert (run / "pictures" / "epoch_001.png").is_file()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["ssl_kit"]["export_prefix"] == "teacher."
+    assert ckpt["ssl_kit"]["export_prefix"] == "ema_teacher."
     assert ckpt["state_dict"]["criterion.center"].abs().sum() > 0
     assert knn_main(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data.labels_per_class", "10",
                      "--out", str(tmp_path / "knn")]) == 0
@@ -43,7 +43,7 @@ def test_ibot_resume_ends_with_same_student_teacher_and_centers(tmp_path):
     assert run_tiny("ibot", part, *fp32, "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
     keys = a["state_dict"].keys()
-    assert any(k.startswith("teacher.") for k in keys) and "criterion.center2" in keys
+    assert any(k.startswith("ema_teacher.") for k in keys) and "criterion.center2" in keys
 
     assert run_tiny("ibot", cut, *fp32, "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "2",
                    "--trainer.callbacks.signum", str(int(signal.SIGUSR1))) == 128 + signal.SIGUSR1

@@ -64,7 +64,7 @@ def test_random_baseline_is_built_like_the_method_builds_its_encoder():
     assert torch.allclose(mae_random.pos_embed[0], table) and not mae_random.pos_embed.requires_grad
     assert torch.allclose(mae.encoder.pos_embed[0], table)
     assert ibot_random.pos_embed.requires_grad and not torch.allclose(ibot_random.pos_embed[0], table, atol=0.1)
-    for built, method in ((mae_random, mae.encoder), (ibot_random, ibot.teacher)):
+    for built, method in ((mae_random, mae.encoder), (ibot_random, ibot.ema_teacher)):
         assert type(built) is type(method)
         for name, w in method.named_parameters():  # same init: same shapes and the same weight scales
             if w.ndim == 2 and w.shape[0] > 8 and "pos_embed" not in name:

@@ -171,7 +171,7 @@ def test_unsupervised_step_trains_the_student_only_and_reports_pseudo_boxes(meth
     fake = [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([3]),
              "scores": torch.tensor([0.95]), "uncertainty": torch.tensor([0.01])}] * 3
     cls_t, reg_t = method.strong_view_targets(fake, views["weak_to_strong"])
-    teacher_features = method.teacher.features(views["weak"])
+    teacher_features = method.ema_teacher.features(views["weak"])
     features = method.student.features(views["strong"])
     losses, info = method.unsupervised_losses(views, features, teacher_features, cls_t, reg_t)
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
@@ -179,7 +179,7 @@ def test_unsupervised_step_trains_the_student_only_and_reports_pseudo_boxes(meth
     assert 0 < float(info["background_weight_mean"]) < 1
     sum(losses.values()).backward()
     assert method.student.roi_heads.box_predictor.bbox_pred.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in method.teacher.parameters())
+    assert all(p.grad is None for p in method.ema_teacher.parameters())
     sup = method.student.supervised_losses(images, method.student.features(images), targets)
     assert all(torch.isfinite(v) for v in sup.values())
 

@@ -25,9 +25,9 @@ def test_soft_teacher_logs_pseudo_boxes_map_pictures_and_exports_the_teacher(tmp
     assert json.loads((run / "labeled_subset.json").read_text())["labeled_images"] == 8
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["ssl_kit"]["export_prefix"] == "teacher.encoder."
+    assert ckpt["ssl_kit"]["export_prefix"] == "ema_teacher.encoder."
     encoder = load_exported_encoder(run / "encoder")  # plain timm ViT = the teacher's encoder
-    teacher = {k[len("teacher.encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("teacher.encoder.")}
+    teacher = {k[len("ema_teacher.encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_teacher.encoder.")}
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, teacher[key]), key
 
@@ -58,7 +58,7 @@ def test_soft_teacher_resume_continues_student_teacher_and_schedule(tmp_path):
     assert run_tiny("soft_teacher", part, "--trainer.max_epochs", "2", *stop) == 0
     assert run_tiny("soft_teacher", part, "--trainer.max_epochs", "2", "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, _ = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=4)
-    assert any(k.startswith("teacher.roi_heads.") for k in a["state_dict"])
+    assert any(k.startswith("ema_teacher.roi_heads.") for k in a["state_dict"])
     assert len(a["optimizer_states"]) == 1 and a["lr_schedulers"]
     assert run_tiny("soft_teacher", cut, "--trainer.max_epochs", "2", "--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "3") == 143
     assert run_tiny("soft_teacher", cut, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_kit.teacher import EMATeacher, cosine_momentum, ema_update, inverse_momentum, make_teacher
+from ssl_kit.teacher import EMATeacher, cosine_momentum, ema_update, inverse_momentum, make_ema_copy
 
 
 def test_cosine_momentum_values():
@@ -21,7 +21,7 @@ def test_inverse_momentum_values():
 
 def test_ema_update_rule_and_integer_buffers():
     student = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    teacher = make_teacher(student)
+    teacher = make_ema_copy(student)
     with torch.no_grad():
         for p in student.parameters():
             p.fill_(1.0)
@@ -38,7 +38,7 @@ def test_ema_update_rule_and_integer_buffers():
 
 def test_momentum_zero_is_a_full_copy():
     student = nn.Linear(3, 3)
-    teacher = make_teacher(nn.Linear(3, 3))
+    teacher = make_ema_copy(nn.Linear(3, 3))
     ema_update(student, teacher, inverse_momentum(0))
     assert torch.equal(teacher.weight, student.weight)
 
@@ -47,11 +47,11 @@ class ToyWithTeacher(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.student = nn.Linear(4, 1)
-        self.teacher = make_teacher(self.student)
+        self.ema_teacher = make_ema_copy(self.student)
         self.snapshots = []
 
     def ema_pairs(self):
-        return [(self.student, self.teacher)]
+        return [(self.student, self.ema_teacher)]
 
     def training_step(self, batch, batch_idx):
         return self.student(batch[0]).pow(2).mean()
@@ -67,7 +67,7 @@ class RecordSteps(pl.Callback):
         self.ema, self.records = ema, []
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        self.records.append((trainer.global_step, self.ema.last_momentum, pl_module.student.weight.detach().clone(), pl_module.teacher.weight.detach().clone()))
+        self.records.append((trainer.global_step, self.ema.last_momentum, pl_module.student.weight.detach().clone(), pl_module.ema_teacher.weight.detach().clone()))
 
 
 def test_ema_callback_once_per_optimizer_step_with_accumulation(tmp_path):
@@ -81,7 +81,7 @@ def test_ema_callback_once_per_optimizer_step_with_accumulation(tmp_path):
     loader = DataLoader(TensorDataset(torch.randn(12, 4)), batch_size=2)  # 6 batches
     trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=3, callbacks=[ema, record], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    teacher0 = model.teacher.weight.detach().clone()
+    teacher0 = model.ema_teacher.weight.detach().clone()
     trainer.fit(model, loader)
     assert trainer.global_step == 2
     assert calls == [0, 1]  # 6 micro-batches, 2 optimizer steps -> 2 updates, momentum 0 then 0.5
@@ -89,9 +89,9 @@ def test_ema_callback_once_per_optimizer_step_with_accumulation(tmp_path):
     w_after_0 = record.records[2][2]
     w_after_1 = record.records[5][2]
     assert torch.equal(record.records[2][3], w_after_0)
-    assert torch.allclose(model.teacher.weight, 0.5 * w_after_0 + 0.5 * w_after_1)
-    assert not torch.equal(model.teacher.weight, teacher0)
-    assert model.teacher.weight.grad is None
+    assert torch.allclose(model.ema_teacher.weight, 0.5 * w_after_0 + 0.5 * w_after_1)
+    assert not torch.equal(model.ema_teacher.weight, teacher0)
+    assert model.ema_teacher.weight.grad is None
 
 
 def test_ema_callback_needs_explicit_pairs(tmp_path):

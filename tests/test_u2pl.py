@@ -15,7 +15,7 @@ from ssl_kit.losses.u2pl import (
     IGNORE, ClassMemoryBank, contrastive_logits, high_entropy_mask, low_entropy_mask, negative_candidates,
     pixel_entropy, u2pl_contrastive, unreliable_percent, unsupervised_ce,
 )
-from ssl_kit.teacher import EMATeacher, make_teacher
+from ssl_kit.teacher import EMATeacher, make_ema_copy
 
 
 def test_unreliable_percent_schedule():
@@ -144,7 +144,7 @@ def test_contrastive_loss_is_zero_when_only_one_class_is_present():
 
 def test_ema_decay_counts_from_the_end_of_the_supervised_warm_up():
     student, teacher = nn.Linear(1, 1, bias=False), None
-    teacher = make_teacher(student)
+    teacher = make_ema_copy(student)
     module = SimpleNamespace(ema_pairs=lambda: [(student, teacher)], log=lambda *a, **k: None)
     callback = EMATeacher(schedule="inverse", cap=0.99, start_epoch=2)
     trainer = SimpleNamespace(global_step=0, num_training_batches=3, accumulate_grad_batches=1,

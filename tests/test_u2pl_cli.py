@@ -22,10 +22,10 @@ def test_u2pl_warm_up_then_semi_supervised_logs_pictures_and_export(tmp_path):
     assert (run / "labeled_subset.json").is_file()
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["ssl_kit"]["export_prefix"] == "teacher.encoder."
+    assert ckpt["ssl_kit"]["export_prefix"] == "ema_teacher.encoder."
     assert int(ckpt["state_dict"]["memory_bank.count"].max()) > 0  # negatives were banked
     encoder = load_exported_encoder(run / "encoder")  # plain timm ViT = the teacher's encoder
-    teacher = {k[len("teacher.encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("teacher.encoder.")}
+    teacher = {k[len("ema_teacher.encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_teacher.encoder.")}
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, teacher[key]), key
 

@@ -97,7 +97,7 @@ class SSLMethod(pl.LightningModule):
             loss = loss + extra
         super().backward(loss, *args, **kwargs)
 
-    def draw(self, site: str, fn: Callable[..., Any], *inputs: Any, rows: int | None = None) -> Any:
+    def random_draw(self, site: str, fn: Callable[..., Any], *inputs: Any, rows: int | None = None) -> Any:
         """A random draw of the current training step (masks, box jitter), made per draw group of the global
         batch (:class:`ssl_kit.distributed.DrawPlan`) so it is the same on any number of processes.
         Outside a training step (pictures, evaluation) ``fn`` runs as is: ``fn(*inputs)`` or ``fn(rows)``."""
@@ -107,7 +107,7 @@ class SSLMethod(pl.LightningModule):
             return fn(*inputs) if inputs else fn(rows)
         return plan.run(site, fn, *inputs, rows=rows)
 
-    def draw_mean(self, site: str, fn: Callable[..., tuple[Tensor, dict[str, Any]]], *inputs: Any) -> tuple[Tensor, dict[str, Any]]:
+    def mean_over_draw_groups(self, site: str, fn: Callable[..., tuple[Tensor, dict[str, Any]]], *inputs: Any) -> tuple[Tensor, dict[str, Any]]:
         """A training step whose statistics are per device in the reference (percentiles, proposal sampling,
         normalisers), run per draw group (:meth:`ssl_kit.distributed.DrawPlan.mean`) so that one process with
         several groups trains like several processes. ``fn`` returns ``(loss, logs)``."""
@@ -202,18 +202,18 @@ class SSLMethod(pl.LightningModule):
 
 
 class StudentTeacherMethod(SSLMethod):
-    """A method whose ``self.student`` trains and whose EMA copy ``self.teacher`` (same structure, both with an
+    """A method whose ``self.student`` trains and whose EMA copy ``self.ema_teacher`` (same structure, both with an
     ``.encoder`` ViT) makes the targets and is evaluated and exported (U2PL, Soft Teacher)."""
 
     student: torch.nn.Module
-    teacher: torch.nn.Module
+    ema_teacher: torch.nn.Module
 
     @property
     def encoder(self) -> torch.nn.Module:  # type: ignore[override]
         return self.student.encoder
 
     def export_module(self) -> torch.nn.Module:
-        return self.teacher.encoder
+        return self.ema_teacher.encoder
 
     def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-        return [(self.student, self.teacher)]
+        return [(self.student, self.ema_teacher)]

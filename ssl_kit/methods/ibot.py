@@ -15,7 +15,7 @@ from ssl_kit.heads.projection import IBOTHead
 from ssl_kit.losses.distillation import IBOTLoss
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.optim import cosine_schedule
-from ssl_kit.teacher import EMATeacher, make_teacher
+from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings, require
 
 
@@ -115,23 +115,23 @@ class IBOT(SSLMethod):
         dim = self.encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
         self.head = IBOTHead(dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer)
-        self.teacher = make_teacher(self.encoder).eval()  # eval from the start: Lightning need not call train()
-        self.teacher_head = make_teacher(self.head).eval()
+        self.ema_teacher = make_ema_copy(self.encoder).eval()  # eval from the start: Lightning need not call train()
+        self.ema_teacher_head = make_ema_copy(self.head).eval()
         self.criterion = IBOTLoss(out_dim, student_temp, center_momentum, center_momentum2)
         self.grid: tuple[int, int] = tuple(self.encoder.patch_embed.grid_size)  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ structure
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.encoder, self.teacher), (self.head, self.teacher_head)]
+        return [(self.encoder, self.ema_teacher), (self.head, self.ema_teacher_head)]
 
     def export_module(self) -> VisionTransformer:
-        return self.teacher
+        return self.ema_teacher
 
     def train(self, mode: bool = True) -> "IBOT":
         """The teacher always runs in eval mode (no drop-path)."""
         super().train(mode)
-        self.teacher.eval()
-        self.teacher_head.eval()
+        self.ema_teacher.eval()
+        self.ema_teacher_head.eval()
         return self
 
     # ------------------------------------------------------------------ masks and encoding
@@ -186,12 +186,12 @@ class IBOT(SSLMethod):
         """
         g, b = 2, views[0].shape[0]
         if masks is None:  # drawn per image group: [B, G, L] while drawing, [G, B, L] after
-            masks = self.draw("mask", lambda n: self.sample_masks(g, n, views[0].device).transpose(0, 1),
+            masks = self.random_draw("mask", lambda n: self.sample_masks(g, n, views[0].device).transpose(0, 1),
                               rows=b).transpose(0, 1).contiguous()
         length = masks.shape[-1]
         global_images = torch.cat(views[:g])
         with torch.no_grad():
-            t = self.teacher_head(self.encode(self.teacher, global_images))  # unmasked, [G*B, 1+L, K]
+            t = self.ema_teacher_head(self.encode(self.ema_teacher, global_images))  # unmasked, [G*B, 1+L, K]
         teacher_cls, teacher_patch = t[:, 0].view(g, b, -1), t[:, 1:].view(g, b, length, -1)
         s = self.head(self.encode(self.encoder, global_images, masks.view(g * b, length)))
         student_cls = [s[:, 0].view(g, b, -1)]

@@ -158,11 +158,11 @@ class LoMaR(SSLMethod):
 
     def forward(self, images: Tensor) -> LoMaROutput:
         """Full LoMaR pass on ``[B, C, H, W]`` images (fresh windows and masks each call)."""
-        windows = self.draw("windows", lambda n: sample_windows(n, self.grid, self.window_size, self.hparams.num_windows,
+        windows = self.random_draw("windows", lambda n: sample_windows(n, self.grid, self.window_size, self.hparams.num_windows,
                                                                 device=images.device), rows=images.shape[0])
         target = self.window_patches(images, windows)  # [S, K2, P]
         tokens = self.embed_patches(target)  # [S, K2, D]
-        mask = self.draw("mask", lambda n: random_subset_mask(n, tokens.shape[1], self.num_masked, device=images.device),
+        mask = self.random_draw("mask", lambda n: random_subset_mask(n, tokens.shape[1], self.num_masked, device=images.device),
                          rows=tokens.shape[0])
         tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)  # replaced, not dropped
         pred = self.pred(self.forward_encoder(tokens)[:, 1:])

@@ -115,7 +115,7 @@ class MAE(SSLMethod):
         x = enc.patch_embed(images)  # [B, L, D]
         x = x + enc.pos_embed[:, enc.num_prefix_tokens :]  # position BEFORE dropping
         length = x.shape[1]
-        masking = self.draw("mask", lambda n: random_masking(n, length, mask_ratio, device=x.device), rows=x.shape[0])
+        masking = self.random_draw("mask", lambda n: random_masking(n, length, mask_ratio, device=x.device), rows=x.shape[0])
         x = gather_tokens(x, masking.ids_keep)  # [B, L_keep, D]: dropped, not replaced
         cls = (enc.cls_token + enc.pos_embed[:, : enc.num_prefix_tokens]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # [CLS] AFTER dropping

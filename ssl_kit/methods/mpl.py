@@ -33,7 +33,7 @@ from ssl_kit.losses.semi import centred_feedback, uda_consistency
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
 from ssl_kit.optim import effective_batch_size, scaled_lr, steps_per_epoch, warmup_cosine
 from ssl_kit.runtime import eval_mode
-from ssl_kit.teacher import ema_update, inverse_momentum, make_teacher
+from ssl_kit.teacher import ema_update, inverse_momentum, make_ema_copy
 from ssl_kit.validation import check_settings
 
 
@@ -194,7 +194,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         self.encoder, self.encoder_spec = build_classifier(**build)
         if init_from is None:
             self.encoder.load_state_dict(self.teacher.state_dict())  # the same start, as MPL
-        self.ema_encoder = make_teacher(self.encoder)
+        self.ema_encoder = make_ema_copy(self.encoder)
         self.register_buffer("moving_feedback", torch.zeros(()))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.init_metrics(num_classes)

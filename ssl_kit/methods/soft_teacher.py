@@ -23,7 +23,7 @@ from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import classifier_param_groups, pretrained_or_random
 from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 from ssl_kit.runtime import eval_mode
-from ssl_kit.teacher import EMATeacher, make_teacher
+from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings
 from ssl_kit.viz import save_detection_grid
 
@@ -144,7 +144,7 @@ class SoftTeacher(StudentTeacherMethod):
                                               **resample)
         self.student = ViTDetector(vit, num_classes, fpn_channels, strides, anchor_sizes, tuple(rpn_pre_nms),
                                    tuple(rpn_post_nms), rpn_batch, roi_batch, representation)
-        self.teacher = make_teacher(self.student)
+        self.ema_teacher = make_ema_copy(self.student)
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         self.val_map_student = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         self._epoch_pseudo_boxes = 0
@@ -156,7 +156,7 @@ class SoftTeacher(StudentTeacherMethod):
 
     def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
         """``[B, C, H, W]`` -> the teacher's detections (``boxes``, ``scores``, ``labels`` per image)."""
-        return self.teacher.detect(images)
+        return self.ema_teacher.detect(images)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -174,12 +174,12 @@ class SoftTeacher(StudentTeacherMethod):
         """Teacher (eval mode) candidates in the images' own view: ``boxes`` ``[n, 4]``, ``labels``, ``scores`` and
         the box-jitter ``uncertainty`` of every detection with score > ``initial_score``."""
         hp = self.hparams
-        self.teacher.eval()
-        features = self.teacher.features(images) if features is None else features
-        detections = self.teacher.detect_from_features(images, features)
+        self.ema_teacher.eval()
+        features = self.ema_teacher.features(images) if features is None else features
+        detections = self.ema_teacher.detect_from_features(images, features)
         kept = [{k: v[d["scores"] > hp.initial_score] for k, v in d.items()} for d in detections]
         jittered = [jitter_boxes(d["boxes"], hp.jitter_times, hp.jitter_scale) for d in kept]  # [T, n, 4] each
-        refined = self.teacher.refine_boxes(features, [j.reshape(-1, 4) for j in jittered],
+        refined = self.ema_teacher.refine_boxes(features, [j.reshape(-1, 4) for j in jittered],
                                             [d["labels"].repeat(hp.jitter_times) for d in kept], self.image_size)
         for d, r in zip(kept, refined):
             d["uncertainty"] = box_uncertainty(r.reshape(hp.jitter_times, -1, 4))
@@ -204,7 +204,7 @@ class SoftTeacher(StudentTeacherMethod):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, targets = batch["labeled"]
         unlabeled = batch.get("unlabeled") if self.semi_supervised else None
-        loss, logs = self.draw_mean("step", self.step_losses, images, targets, unlabeled)
+        loss, logs = self.mean_over_draw_groups("step", self.step_losses, images, targets, unlabeled)
         if "pseudo_boxes" in logs:
             self._epoch_pseudo_boxes += int(round(float(logs.pop("pseudo_boxes")) * self._draw_groups()))
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(images))
@@ -224,8 +224,8 @@ class SoftTeacher(StudentTeacherMethod):
 
         n_l = len(images)
         with torch.no_grad():
-            self.teacher.eval()
-            teacher_features = self.teacher.features(views["weak"])
+            self.ema_teacher.eval()
+            teacher_features = self.ema_teacher.features(views["weak"])
             pseudo = self.pseudo_boxes(views["weak"], teacher_features)
         cls_targets, reg_targets = self.strong_view_targets(pseudo, views["weak_to_strong"])
 
@@ -261,7 +261,7 @@ class SoftTeacher(StudentTeacherMethod):
         to_weak = torch.linalg.inv(views["weak_to_strong"])
         in_weak = [clip_and_keep(transform_boxes(b, m), self.hparams.img_size, 0.0)[0] for b, m in zip(sampled, to_weak)]
         with torch.no_grad():
-            teacher_logits, _ = self.teacher.classify_boxes(teacher_features, in_weak, self.image_size)
+            teacher_logits, _ = self.ema_teacher.classify_boxes(teacher_features, in_weak, self.image_size)
         background_prob = teacher_logits.softmax(dim=-1)[:, 0]
         labels = torch.cat(labels)
         loss_cls = soft_background_ce(class_logits, labels, background_prob)
@@ -304,7 +304,7 @@ class SoftTeacher(StudentTeacherMethod):
     def detection_panels(self, images: Tensor) -> dict[str, list[dict[str, Tensor]]]:
         """For pictures: the teacher's pseudo-box candidates (with score and uncertainty) and the student's
         detections for ``[B, C, H, W]`` images."""
-        with eval_mode(self.teacher):  # pseudo_boxes puts the teacher in eval mode, as in training
+        with eval_mode(self.ema_teacher):  # pseudo_boxes puts the teacher in eval mode, as in training
             return {"teacher": self.pseudo_boxes(images), "student": self.student.detect(images)}
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ssl_kit.losses.u2pl import (
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import pretrained_or_random
 from ssl_kit.runtime import eval_mode
-from ssl_kit.teacher import EMATeacher, make_teacher
+from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings, require
 from ssl_kit.viz import save_segmentation_grid
 
@@ -135,7 +135,7 @@ class U2PL(StudentTeacherMethod):
         vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate)
         head = ProgressiveUpsamplingHead(vit.embed_dim, num_classes, head_dim, rep_dim, num_upsample)
         self.student = SegmentationNet(vit, head)
-        self.teacher = make_teacher(self.student)
+        self.ema_teacher = make_ema_copy(self.student)
         self.memory_bank = ClassMemoryBank(num_classes, memory_size, rep_dim)
         self.val_miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE)
 
@@ -147,7 +147,7 @@ class U2PL(StudentTeacherMethod):
 
     def forward(self, images: Tensor) -> Tensor:
         """``[B, C, H, W]`` -> teacher logits ``[B, K, H, W]``."""
-        return self.teacher(images).logits
+        return self.ema_teacher(images).logits
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -176,9 +176,9 @@ class U2PL(StudentTeacherMethod):
             # the representation head joins the graph with zero weight, so plain DDP sees every parameter used
             return self.report_loss(loss + 0.0 * out.rep.sum(), n_l)
 
-        self.teacher.eval()
+        self.ema_teacher.eval()
         with torch.no_grad():
-            pseudo = self.teacher(batch["unlabeled"]).logits.argmax(dim=1)
+            pseudo = self.ema_teacher(batch["unlabeled"]).logits.argmax(dim=1)
         mix = cutmix_masks(len(pseudo), *pseudo.shape[-2:], hp.cutmix_prob, pseudo.device)
         strong, pseudo = apply_cutmix(mix, batch["unlabeled"], pseudo)
 
@@ -186,7 +186,7 @@ class U2PL(StudentTeacherMethod):
         out = self.student(inputs)
         sup = F.cross_entropy(out.logits[:n_l], labels, ignore_index=IGNORE)
         with torch.no_grad():
-            out_t = self.teacher(inputs)
+            out_t = self.ema_teacher(inputs)
             entropy = pixel_entropy(out_t.logits[n_l:].softmax(dim=1))
         alpha = self.current_alpha()
         valid = pseudo != IGNORE
@@ -231,8 +231,8 @@ class U2PL(StudentTeacherMethod):
     def reliability_maps(self, images: Tensor) -> dict[str, Tensor]:
         """What the unsupervised loss would see for these images (teacher, eval mode): pseudo labels, entropy and
         the reliable mask at the current alpha_t. ``[B, C, H, W]`` -> ``[B, H, W]`` maps."""
-        with eval_mode(self.teacher):
-            probs = self.teacher(images).logits.softmax(dim=1)
+        with eval_mode(self.ema_teacher):
+            probs = self.ema_teacher(images).logits.softmax(dim=1)
         entropy = pixel_entropy(probs)
         unreliable = high_entropy_mask(entropy, torch.ones_like(entropy, dtype=torch.bool), self.current_alpha())
         return {"pseudo": probs.argmax(dim=1), "entropy": entropy, "reliable": ~unreliable}

@@ -12,7 +12,7 @@ from ssl_kit.callbacks import PseudoLabelPictures
 from ssl_kit.losses.semi import entropy, tsa_cross_entropy, tsa_threshold, uda_consistency
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
 from ssl_kit.optim import adamw_warmup_cosine
-from ssl_kit.teacher import EMATeacher, make_teacher
+from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings
 
 
@@ -75,7 +75,7 @@ class UDA(SemiSupervisedClassifier):
         check_settings(self.hparams)
         self.encoder, self.encoder_spec = build_classifier(
             encoder, img_size, patch_size, in_chans, encoder_kwargs, num_classes, init_from, drop_path_rate, global_pool)
-        self.ema_encoder = make_teacher(self.encoder)
+        self.ema_encoder = make_ema_copy(self.encoder)
         self.init_metrics(num_classes)
 
     def export_module(self) -> torch.nn.Module:
