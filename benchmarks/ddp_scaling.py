@@ -7,7 +7,7 @@ Options: --steps 20 --warmup 5 --batch-size 128 --repeats 2 --configs 1p2t,2p_we
          --max-wait 20 (seconds to wait for the other processes on the machine to go quiet before each run)
          --max-busy 0.3 --retries 1 --budget 540 (re-run a configuration once when other processes used more than
          0.3 cores during its measured steps, while less than 540 s have passed; every attempt is kept)
-         --out benchmarks/results/ddp_scaling.json (the markdown table goes next to it, .md)
+         --out benchmarks/results/ddp_scaling/ddp_scaling.json (the markdown table goes next to it, .md)
 
 What runs: ``ssl_kit.methods.MAE`` (ViT encoder dim 192, depth 4, 3 heads; 32 px, patch 4; decoder dim 64,
 depth 1, 2 heads; mask ratio 0.75) with ``ssl_kit.data.PretrainDataModule`` on the built-in Fashion-MNIST,
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--retries", type=int, default=1, help="extra attempts per run when the cores were shared")
     ap.add_argument("--budget", type=float, default=540.0, help="no more retries after this many seconds in all")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per run")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ddp_scaling.json"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ddp_scaling" / "ddp_scaling.json"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -24,7 +24,7 @@ from ssl_kit.data.detection_module import DetectionDataModule
 from ssl_kit.methods import SoftTeacher
 from ssl_kit.optim import warmup_cosine
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 
 
 def parse() -> argparse.Namespace:

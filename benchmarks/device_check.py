@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "measured 0.99x fp32, at 256 2.02x; smoke 4)")
     ap.add_argument("--parts", nargs="+", default=["mae224", "big", "fsdp", "compile"],
                     choices=["mae224", "big", "fsdp", "compile"], help="which measurements to run (default all)")
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", str(REPO / "benchmarks" / "results")),
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", str(REPO / "benchmarks" / "results" / "device_check")),
                                                   "device_check.json"))
     args = ap.parse_args(argv)
     out = Path(args.out)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared accelerator check (issue #20), for a session that holds a lent GPU: one command, ~5-8 minutes.
-#   bash benchmarks/device_check.sh            # writes $OUT/device_check.json (or benchmarks/results/)
+#   bash benchmarks/device_check.sh            # writes $OUT/device_check.json (or benchmarks/results/device_check/)
 # Installs ssl_kit first when it is missing: the README's set-up command, or, on a machine that reaches no
 # package registry but has torch / timm / Lightning, the package alone without its dependencies.
 set -uo pipefail

@@ -6,13 +6,13 @@
 #   bash benchmarks/device_session.sh MAE_ENCODER_EXPORT   # BUDGET=465 seconds in all by default
 # On a machine that reaches no package registry, wheels carried in .whl/ are installed to /tmp/site and
 # Fashion-MNIST carried in .devdata/fashion-mnist is used (SSL_KIT_DATA). Everything lands in $OUT (or
-# benchmarks/results/device_session/): device_check.json, detection.tar.gz (logs, metrics.csv, result JSONs).
+# benchmarks/results/device_check/session/): device_check.json, detection.tar.gz (logs, metrics.csv, result JSONs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ENCODER=${1:?usage: bash benchmarks/device_session.sh MAE_ENCODER_EXPORT}
 BUDGET=${BUDGET:-465}
 CHECK_SECONDS=${CHECK_SECONDS:-170}  # kept for the device check: its eager, 448 px and FSDP rows take ~90 s
-OUT=${OUT:-benchmarks/results/device_session}
+OUT=${OUT:-benchmarks/results/device_check/session}
 SMOKE=${SMOKE:-0}  # 1: tiny shapes and 2 steps per run, to try the script on a CPU
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,7 +47,7 @@ done
 wait
 echo "detection runs done at ${SECONDS} s"
 pack() {
-  cp benchmarks/results/device_*_s?.json "$logs/" 2>/dev/null
+  cp benchmarks/results/soft_teacher_scenes/device_*_s?.json "$logs/" 2>/dev/null
   tar -czf "$OUT/detection.tar.gz" "$runs"/logs "$runs"/*/metrics.csv 2>/dev/null
 }
 pack

@@ -8,7 +8,7 @@ functions the commands use (``ssl_kit.eval.cli.extract_split_features``, ``weigh
 
 Usage (2 CPU cores, about 35 min):
     python benchmarks/eval_fmnist.py --encoder runs/mae/TIME/encoder
-Writes benchmarks/results/eval_fmnist.json.
+Writes benchmarks/results/eval_fmnist/eval_fmnist.json.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from ssl_kit.eval.knn import weighted_knn
 from ssl_kit.eval.linear_probe import LinearProbe
 from ssl_kit.runtime import tune_cpu_allocator
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 
 
 def knn(train_f, train_y, val_f, val_y) -> float:
@@ -116,7 +116,7 @@ def main() -> None:
         result["rows"][name]["finetune_all"] = m["val_top1_final"]
         result["wall_s"][f"ssl-finetune all labels (defaults: 500 steps x 64), {name}"] = t
         print(name, result["rows"][name], flush=True)
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "eval_fmnist.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({"rows": result["rows"], "wall_s": result["wall_s"]}, indent=2))
 

@@ -10,7 +10,7 @@ the steps since the last checkpoint; the replay is exact, so the weights should 
 
 Usage (2 busy CPU cores, ~6 min):
     python benchmarks/kill_resume.py [--kills 20] [--seed 0]
-Writes benchmarks/results/kill_resume.json.
+Writes benchmarks/results/kill_resume/kill_resume.json.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 
 from ssl_kit.cli import checkpoint_readable, newest_checkpoint
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 ARGS = [
     "--recipe", "mae",
     "--model.encoder_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}",
@@ -171,7 +171,7 @@ def main() -> None:
         "command": "ssl-pretrain " + " ".join(ARGS) + " --run_dir RUN --ckpt_path last",
         "moments": moments,
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "kill_resume.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "moments"}, indent=2))
 

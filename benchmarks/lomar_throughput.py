@@ -3,7 +3,7 @@
 Run (from the repo root):
     python benchmarks/lomar_throughput.py            # all configs, >= ~8 s timed per measurement
     python benchmarks/lomar_throughput.py --quick    # 1-2 timed steps each (smoke)
-Options: --threads 2  --min-time 8  --out benchmarks/results/lomar_throughput.json
+Options: --threads 2  --min-time 8  --out benchmarks/results/lomar_throughput/lomar_throughput.json
 
 Configs (patch 16, 3 channels):
   (a) ViT-Tiny (192/12/3); MAE with a 128-wide 4-block decoder; 224, 448, 672, 896 px
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--min-time", type=float, default=None)
     ap.add_argument("--families", default="a,b")
     ap.add_argument("--single", help=argparse.SUPPRESS)  # method,family,img_size (child process)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lomar_throughput.json"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lomar_throughput" / "lomar_throughput.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     min_time = args.min_time if args.min_time is not None else (0.0 if args.quick else 8.0)

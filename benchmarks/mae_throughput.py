@@ -4,7 +4,7 @@ Run (from the repo root):
     python benchmarks/mae_throughput.py            # full: >= ~20 s timed per config
     python benchmarks/mae_throughput.py --quick    # a few steps per config (smoke / A-B checks)
 Options: --baseline (straightforward setup, for comparison)  --optimizer {ssl_kit,default,foreach,fused}  --compile  --configs 1,2,3  --threads 2
-         --out benchmarks/results/mae_throughput.json
+         --out benchmarks/results/mae_throughput/mae_throughput.json
 
 Measures img/s of forward + backward + torch.optim.AdamW step (float32, torch.set_num_threads(2)),
 FLOPs per step (torch.utils.flop_counter.FlopCounterMode, forward+backward of one step),
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None, factory: Callable[[int, int], torch.nn.M
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     ap.add_argument("--configs", default="1,2,3", help="comma list of config numbers (1-based)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds timed per config")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mae_throughput.json"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mae_throughput" / "mae_throughput.json"))
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)

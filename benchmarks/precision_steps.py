@@ -8,7 +8,7 @@ is reported. Used to size each recipe's step count to its ~10-minute budget (iss
 Usage (2 CPU cores, ~10 min for all recipes):
     python benchmarks/precision_steps.py
     python benchmarks/precision_steps.py --recipes mae uda --steps 10
-Writes benchmarks/results/precision_steps.json.
+Writes benchmarks/results/precision_steps/precision_steps.json.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 RECIPES = ["mae", "lomar", "ibot", "supervised", "uda", "mpl", "seg_supervised", "u2pl", "det_supervised", "soft_teacher"]
 
 

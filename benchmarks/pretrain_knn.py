@@ -36,7 +36,7 @@ from ssl_kit.encoders import (
 )
 from ssl_kit.precision import autocast_dtype, resolve_precision
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 
 
 def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor) -> float:
@@ -119,7 +119,7 @@ def main() -> None:
         print(f"{name}: {result[f'{name}_knn_top1']:.4f}", flush=True)
     result["encoder"] = str(encoder_dir)
     result["encoder_config"] = config
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / args.result).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "encoder_config"}, indent=2))
 

@@ -6,7 +6,7 @@ images. Results are written after every run. Usage (2 CPU cores; ~5 min per fine
 probe at 10 / all labels):
     python benchmarks/probe_vs_finetune.py --encoder runs/mae/TIME/encoder --seeds 0 1 2 --labels 10
     python benchmarks/probe_vs_finetune.py --encoder runs/mae/TIME/encoder --seeds 0 1 --labels all
-Writes benchmarks/results/probe_vs_finetune.json (rows keyed by labels/command/seed, plus mean and spread).
+Writes benchmarks/results/probe_vs_finetune/probe_vs_finetune.json (rows keyed by labels/command/seed, plus mean and spread).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ssl_kit.eval.cli import finetune_main, knn_main, linear_probe_main
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 
 
 def run(command, argv: list[str], out: Path) -> tuple[dict, float]:
@@ -64,7 +64,7 @@ def main() -> None:
                 "argv": " ".join(argv)}
             print(json.dumps(result["rows"][f"{args.labels}/{name}/s{seed}"]), flush=True)
             result["summary"] = summarise(result["rows"])
-            RESULTS.mkdir(exist_ok=True)
+            RESULTS.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
 

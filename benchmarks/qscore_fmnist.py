@@ -9,7 +9,7 @@ well Q-score predicts the probe's correctness (AUROC, AUPRC). Paper: sparsity 35
 
 Usage (2 CPU cores, about 20 min):
     python benchmarks/qscore_fmnist.py --ckpt runs/mae/TIME/checkpoints/last.ckpt
-Writes benchmarks/results/qscore_fmnist.json.
+Writes benchmarks/results/qscore_fmnist/qscore_fmnist.json.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from ssl_kit.cli import pretrain_main
 from ssl_kit.eval.qscore_cli import qscore_main
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 KEYS = ("qscore_mean", "sparsity", "probe_top1", "auroc", "auprc_correct", "auprc_wrong", "wrong_rate")
 
 

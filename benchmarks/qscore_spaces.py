@@ -12,7 +12,7 @@ Scores: Q (the paper's), its parts Z = (max - mean) / sigma and 1 / L1, and the 
 
 Usage (2 CPU cores, ~4 min per encoder; features are cached in --cache):
     python benchmarks/qscore_spaces.py runs/bench_effects/mae_s0/encoder runs/bench_effects/mae_s1/encoder
-Writes benchmarks/results/qscore_spaces.json.
+Writes benchmarks/results/qscore_spaces/qscore_spaces.json.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from ssl_kit.eval.linear_probe import LinearProbe
 from ssl_kit.losses.qscore import qscore
 from ssl_kit.precision import autocast_dtype, resolve_precision
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 
 
 def probe_correct(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ def main() -> None:
                 rows[readout][space] = {name: round(float(binary_auroc(s, correct)), 4) for name, s in scores(f).items()}
             print(encoder, readout, json.dumps(rows[readout]), flush=True)
         result["encoders"][encoder] = rows
-        RESULTS.mkdir(exist_ok=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / args.result).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -11,7 +11,7 @@
 
     python benchmarks/seg_diagnosis.py --encoder runs/mae/TIME/encoder [--skip_training]
 
-Writes benchmarks/results/seg_diagnosis.json.
+Writes benchmarks/results/seg_diagnosis/seg_diagnosis.json.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNe
 from ssl_kit.methods import U2PL
 from ssl_kit.methods.classifier import classifier_param_groups, pretrained_or_random
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 

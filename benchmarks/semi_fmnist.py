@@ -12,7 +12,7 @@ partial sweep keeps its rows; ``summary`` holds the mean and spread over seeds.
 Usage (2 CPU cores, recipe schedule of 360 steps: ~1 min supervised, ~5.5 min UDA):
     python benchmarks/semi_fmnist.py --mae_encoder runs/mae/TIME/encoder --labels 10 --inits mae --seeds 0 1 2 \
         --methods supervised supervised@supervised uda@supervised --result semi_fmnist_from_supervised.json
-Writes benchmarks/results/semi_fmnist.json (or --result).
+Writes benchmarks/results/semi_fmnist/semi_fmnist.json (or --result).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 from ssl_kit.data.semi import SemiSupervisedDataModule
 from ssl_kit.encoders import load_exported_encoder
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 # a method name ending in this continues from the supervised run of the same labels / start / seed (head included):
 # "supervised@supervised" is the like-for-like baseline of "uda@supervised" (the same labeled steps again)
 FROM_SUPERVISED = "@supervised"
@@ -94,7 +94,7 @@ def main() -> None:
                                 "steps": optimisation_steps(run_dir), "command": " ".join(cmd)}
         print(json.dumps(result["runs"][name]), flush=True)
         result["summary"] = summarise(result["runs"])
-        RESULTS.mkdir(exist_ok=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
 
 

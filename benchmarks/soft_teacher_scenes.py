@@ -9,15 +9,16 @@ time, and draws the mAP@50 curves.
 Usage:
     python benchmarks/soft_teacher_scenes.py --mae_encoder runs/mae/TIME/encoder --seeds 0 1
     python benchmarks/soft_teacher_scenes.py --methods det_supervised --inits mae --seeds 0 --mae_encoder ENC
-Writes benchmarks/results/detection_scenes.json and detection_scenes.png.
+Writes benchmarks/results/soft_teacher_scenes/detection_scenes.json and detection_scenes.png.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from sweep import RESULTS, init_args, load_results, parse_sweep_args, run_and_record, sweep_parser
+from sweep import init_args, load_results, parse_sweep_args, run_and_record, sweep_parser
 
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 PROTOCOL = ("val COCO mAP / mAP@50 of the EMA teacher and of the student (300 val scenes from the Fashion-MNIST "
             "test split, 128 px, 10 classes, every detection scored: threshold 0) after each epoch of the shipped "
             "recipe (3000 steps: 15 epochs x 200 since #23's second commit, 10 x 300 for the first det_supervised rows; 2 labeled [+ 8 unlabeled] scenes per step, 10 % of 2000 train scenes "

@@ -38,7 +38,7 @@ from ssl_kit.encoders.features import READOUTS, feature_spread, readout_features
 from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_readouts, weighted_knn
 from ssl_kit.precision import autocast_dtype, resolve_precision
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 
 
 def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor) -> float:
@@ -169,7 +169,7 @@ def main() -> None:
                 baseline, _ = load_encoder(EncoderSource(encoder=str(run_dir / "encoder"), random_init="same"), 32, 1)
                 result["random_init"][recipe] = {"seed": seed, **score(baseline, data, dtype, probes(args.probe, readout),
                                                                        run_dir / "bench_random_init_features.pt")}
-            RESULTS.mkdir(exist_ok=True)
+            RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(f"`{result['command']}`\n\n" + table(result))
     print(table(result))

@@ -30,7 +30,7 @@ from ssl_kit.encoders import EncoderSource, load_encoder
 from ssl_kit.eval.finetune import layer_decay_param_groups
 from ssl_kit.precision import autocast_dtype, resolve_precision
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 
 
 class KorniaRandAugmentBefore(torch.nn.Module):
@@ -128,7 +128,7 @@ def main() -> None:
         "test_images": total, "wall_s": round(time.perf_counter() - start, 1),
         "command": "python benchmarks/strong_view_retention.py " + (f"--encoder {args.encoder}" if args.encoder else "--random_init"),
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / args.result).write_text(json.dumps(result, indent=2) + "\n")
     save_picture(data, augment, before, RESULTS / Path(args.result).with_suffix(".png").name)
     print(json.dumps(result, indent=2))

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def metric_curve(run_dir: Path, name: str) -> list[float]:
@@ -40,7 +39,7 @@ def record_run(run_dir: Path, metrics: list[str], result: dict, name: str, out: 
     row.update(wall_s=round(wall_s, 1), command=command)
     result["runs"][name] = row
     print(json.dumps(row), flush=True)
-    out.parent.mkdir(exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return row
 

@@ -39,7 +39,7 @@ from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.encoders import load_exported_encoder
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 TARGET = 0.791  # official MAE code, 10 minutes on this kind of machine
 EPOCHS = 5
 

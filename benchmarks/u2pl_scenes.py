@@ -9,15 +9,16 @@ are written after every run, so a partial sweep keeps its rows.
 
 Usage:
     python benchmarks/u2pl_scenes.py --mae_encoder runs/mae/TIME/encoder --labeled 125 500
-Writes benchmarks/results/u2pl_scenes.json.
+Writes benchmarks/results/u2pl_scenes/u2pl_scenes.json.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from sweep import RESULTS, init_args, load_results, parse_sweep_args, run_and_record, sweep_parser
+from sweep import init_args, load_results, parse_sweep_args, run_and_record, sweep_parser
 
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 PROTOCOL = ("val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 11 classes) of the teacher after the "
             "shipped recipe (8 epochs x 25 steps, 8 labeled [+ 8 unlabeled] scenes per step, ViT-Tiny width depth 6, "
             "patch 4, progressive upsampling head)")

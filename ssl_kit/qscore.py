@@ -63,7 +63,7 @@ class QScoreRegularizer(pl.Callback):
     The defaults are the paper's regulariser on raw [CLS] features. In the ``raw`` space a smaller LayerNorm gain
     lowers it; in ``standardized`` nothing a LayerNorm gain or bias does can (tested), but there Q points the
     wrong way: on the MAE recipe's encoders it separates the linear probe's right from wrong predictions with
-    AUROC 0.38 (seeds 0 and 1), against 0.58 / 0.59 for ``abs`` (benchmarks/results/qscore_spaces.json). No space
+    AUROC 0.38 (seeds 0 and 1), against 0.58 / 0.59 for ``abs`` (benchmarks/results/qscore_spaces/qscore_spaces.json). No space
     reached 0.6 on both seeds, so none is made the default (issue #21).
     """
 

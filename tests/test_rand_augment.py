@@ -48,7 +48,7 @@ def test_every_image_draws_its_own_operations_and_nothing_is_applied_at_probabil
 
 def test_strong_view_keeps_the_figure_on_its_black_background(fmnist_images):
     """kornia's RandAugment (the previous strong view) inverted the background of 15.1 % of the strong views of
-    Fashion-MNIST (benchmarks/results/strong_view_retention.json, 10k test images) and a classifier trained on clean
+    Fashion-MNIST (benchmarks/results/strong_view_retention/strong_view_retention.json, 10k test images) and a classifier trained on clean
     images kept 47 % of its accuracy on them; UDA's sampling: 0.5 % and 79 %."""
     torch.manual_seed(0)
     views = WeakStrongAugment(32, [0.5], [0.5])
