@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, Protocol, runtime_checkable
+from typing import Callable, Literal, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
@@ -91,6 +91,9 @@ class EMATeacher(pl.Callback):
             counts from it.
         start_epoch: the same given in epochs (U2PL's ``sup_only_epochs``); converted to a step once
             the number of steps per epoch is known.
+        steps_taken: the method's own count of training steps taken so far, where ``global_step`` counts
+            something else (MPL: each step makes a teacher and a student optimizer step, and ``global_step``
+            counts both); default ``trainer.global_step``.
     """
 
     def __init__(
@@ -101,12 +104,14 @@ class EMATeacher(pl.Callback):
         cap: float = 0.999,
         start_step: int = 0,
         start_epoch: int = 0,
+        steps_taken: Callable[[], int] | None = None,
     ) -> None:
         if schedule not in ("cosine", "inverse"):
             raise ValueError(f"EMATeacher schedule must be 'cosine' or 'inverse', got {schedule!r}")
         self.schedule = schedule
         self.base, self.final, self.cap, self.start_step = base, final, cap, start_step
         self.start_epoch = start_epoch
+        self.steps_taken = steps_taken
         self._last_step: int | None = None
         self.last_momentum: float | None = None
 
@@ -131,10 +136,13 @@ class EMATeacher(pl.Callback):
         for student, teacher in self.pairs(pl_module):
             if any(p.requires_grad for p in teacher.parameters()):
                 raise ValueError("teacher parameters must not require gradients: build it with make_ema_copy()")
-        self._last_step = trainer.global_step
+        self._last_step = self.steps_done(trainer)
+
+    def steps_done(self, trainer: pl.Trainer) -> int:
+        return self.steps_taken() if self.steps_taken is not None else trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        step = trainer.global_step
+        step = self.steps_done(trainer)
         if self._last_step is not None and step == self._last_step:
             return  # an accumulation micro-batch: no optimizer step happened
         self._last_step = step
@@ -143,4 +151,4 @@ class EMATeacher(pl.Callback):
         self.last_momentum = self.momentum(step - 1, int(trainer.estimated_stepping_batches))
         for student, teacher in self.pairs(pl_module):
             ema_update(student, teacher, self.last_momentum)
-        pl_module.log("teacher_momentum", self.last_momentum, on_step=True, on_epoch=False)
+        pl_module.log("ema_momentum", self.last_momentum, on_step=True, on_epoch=False)

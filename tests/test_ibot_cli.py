@@ -16,7 +16,7 @@ def test_ibot_recipe_runs_logs_schedules_and_exports_the_teacher(tmp_path):
     run = tmp_path / "run"
     assert run_tiny("ibot", run, "--trainer.max_epochs", "2") == 0
     rows = list(csv.DictReader(open(run / "metrics.csv")))
-    momentum = [float(r["teacher_momentum"]) for r in rows if r.get("teacher_momentum")]
+    momentum = [float(r["ema_momentum"]) for r in rows if r.get("ema_momentum")]
     wd = [float(r["weight_decay"]) for r in rows if r.get("weight_decay")]
     assert len(momentum) == 6 and momentum == sorted(momentum)  # one update per optimizer step
     # the short-run recipe: momentum 0.98 -> 1, constant weight decay 0.04 (ibot_224 keeps the paper's 0.996, 0.04 -> 0.4)

@@ -27,7 +27,7 @@ def test_uda_logs_tsa_and_mask_saves_subset_and_exports_a_timm_classifier(tmp_pa
     total = 4
     assert column(rows, "tsa_threshold") == pytest.approx([0.1 + 0.9 * s / total for s in range(total)])
     assert len(column(rows, "tsa_kept_fraction")) == len(column(rows, "unsup_mask_fraction")) == total
-    assert column(rows, "teacher_momentum") == pytest.approx([inverse_momentum(s, 0.99) for s in range(total)])
+    assert column(rows, "ema_momentum") == pytest.approx([inverse_momentum(s, 0.99) for s in range(total)])
     assert len(column(rows, "val_top1")) == 2
     assert (run / "pictures" / "pseudo_labels_epoch_001.png").is_file()
 
@@ -59,6 +59,8 @@ def test_mpl_with_student_lr_zero_logs_zero_feedback_and_uda_only_teacher_loss(t
     rows = metrics(run)
     assert column(rows, "mpl_feedback") == [0.0, 0.0]
     assert column(rows, "teacher_loss") == column(rows, "teacher_uda")
+    # the student EMA counts training steps (each makes a teacher and a student optimizer step): min(0.995, 1 - 1/(i+1))
+    assert column(rows, "ema_momentum") == [inverse_momentum(0, 0.995), inverse_momentum(1, 0.995)] == [0.0, 0.5]
 
 
 def test_mpl_resume_restores_both_optimisers_schedulers_and_baseline(tmp_path):

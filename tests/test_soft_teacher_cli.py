@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_soft_teacher_logs_pseudo_boxes_map_pictures_and_exports_the_teacher(tmp_path):
     run = tmp_path / "st"
     assert run_tiny("soft_teacher", run, "--trainer.max_epochs", "2") == 0
-    assert metric_column(run, "teacher_momentum") == pytest.approx([inverse_momentum(i, 0.999) for i in range(4)])
+    assert metric_column(run, "ema_momentum") == pytest.approx([inverse_momentum(i, 0.999) for i in range(4)])
     assert len(metric_column(run, "pseudo_boxes_per_image")) == len(metric_column(run, "unsup_loss_classifier")) == 4
     assert len(metric_column(run, "candidate_boxes_per_image")) == 4  # score > 0.05: the jitter path ran
     assert len(metric_column(run, "val_map")) == len(metric_column(run, "val_map50")) == 2

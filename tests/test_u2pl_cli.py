@@ -14,7 +14,7 @@ def test_u2pl_warm_up_then_semi_supervised_logs_pictures_and_export(tmp_path):
     run = tmp_path / "u2pl"
     assert run_tiny("u2pl", run, "--trainer.max_epochs", "3") == 0
     # epoch 0 supervised only (teacher copied), epochs 1-2 semi-supervised: EMA counted from step 2
-    assert metric_column(run, "teacher_momentum") == pytest.approx([0, 0] + [inverse_momentum(i, 0.99) for i in range(4)])
+    assert metric_column(run, "ema_momentum") == pytest.approx([0, 0] + [inverse_momentum(i, 0.99) for i in range(4)])
     assert metric_column(run, "unreliable_percent") == pytest.approx([20 * (1 - 1 / 3)] * 2 + [20 * (1 - 2 / 3)] * 2)
     assert len(metric_column(run, "loss_unsup")) == len(metric_column(run, "loss_contrastive")) == 4
     assert len(metric_column(run, "val_miou")) == 3 and all(0 <= v <= 1 for v in metric_column(run, "val_miou"))

@@ -33,7 +33,7 @@ from ssl_kit.losses.semi import centred_feedback, uda_consistency
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
 from ssl_kit.optim import effective_batch_size, scaled_lr, steps_per_epoch, warmup_cosine
 from ssl_kit.runtime import eval_mode
-from ssl_kit.teacher import ema_update, inverse_momentum, make_ema_copy
+from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings
 
 
@@ -78,7 +78,7 @@ def meta_pseudo_labels_step(
 
     1. teacher forward on ``[x_l, u_weak, u_strong]``; teacher UDA loss (CE + ``uda_weight`` x masked consistency);
     2. pseudo labels = teacher argmax on ``u_strong``; student loss on ``u_strong``; ``ce_old`` before its step;
-    3. ``update_student(student_loss)`` (backward, clip, step, scheduler, EMA);
+    3. ``update_student(student_loss)`` (backward, clip, step, scheduler);
     4. ``ce_new`` of the UPDATED student; 5. ``h = feedback(ce_old - ce_new)``, detached;
     6. ``update_teacher(uda + h * CE(teacher(u_strong), pseudo label))``.
 
@@ -125,8 +125,8 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
     """Teacher and student ViT classifiers trained together (manual optimisation, two optimisers).
 
     ``self.encoder`` is the student; its EMA (``ema_decay``, warm-started ``min(ema_decay, 1 - 1/(i+1))``,
-    updated right after every student step) is evaluated and exported. Both optimisers, both
-    schedulers, the feedback baseline and the step counter are in every checkpoint.
+    updated by the :class:`ssl_kit.teacher.EMATeacher` callback after every training step) is evaluated and
+    exported. Both optimisers, both schedulers, the feedback baseline and the step counter are in every checkpoint.
 
     Args:
         encoder, encoder_kwargs, patch_size, img_size, in_chans, num_classes, init_from: both classifiers
@@ -213,10 +213,15 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         self.val_acc_teacher(self.teacher(images), labels)
         self.log("val_top1_teacher", self.val_acc_teacher, prog_bar=True, on_epoch=True, batch_size=len(labels))
 
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.ema_encoder)]
+
     def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
-        """Each epoch, fixed unlabeled images in weak / strong views with the teacher's labels (the student's EMA
-        is updated inside the training step, right after each student step)."""
-        return [PseudoLabelPictures(pictures_dir)]
+        """Each epoch, fixed unlabeled images in weak / strong views with the teacher's labels; the student's EMA
+        after every training step (``min(ema_decay, 1 - 1/(i+1))`` of the training step ``i``: ``global_step``
+        counts the teacher's and the student's optimizer steps both)."""
+        return [PseudoLabelPictures(pictures_dir),
+                EMATeacher(schedule="inverse", cap=self.hparams.ema_decay, steps_taken=lambda: int(self.steps_done))]
 
     def pseudo_labeller(self) -> tuple[nn.Module, float]:
         """The teacher, and its UDA confidence threshold (for the pseudo-label pictures)."""
@@ -263,9 +268,6 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         if scheduler is not None:
             scheduler.step()
 
-    def _update_ema(self) -> None:
-        ema_update(self.encoder, self.ema_encoder, inverse_momentum(int(self.steps_done), self.hparams.ema_decay))
-
     def _mean_over_processes(self, value: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(value, reduce_op="mean") if self.trainer.world_size > 1 else value
 
@@ -280,15 +282,11 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         step = int(self.steps_done)
         ramp = max(hp.uda_ramp_epochs * steps_per_epoch(self.trainer), 1.0)
 
-        def update_student(loss: Tensor) -> None:
-            self._update(student_opt, student_sched, loss)
-            self._update_ema()
-
         out = meta_pseudo_labels_step(
             self.teacher, self.encoder, batch["labeled"], batch["unlabeled"],
             uda_weight=hp.lambda_u * min(1.0, (step + 1) / ramp), temperature=hp.temperature,
             threshold=hp.threshold, label_smoothing=hp.label_smoothing, soft_pseudo_labels=hp.soft_pseudo_labels,
-            update_student=update_student,
+            update_student=lambda loss: self._update(student_opt, student_sched, loss),
             update_teacher=lambda loss: self._update(teacher_opt, teacher_sched, loss),
             feedback=lambda h: centred_feedback(h, self.moving_feedback, hp.feedback_baseline),
             mean_over_processes=self._mean_over_processes,
@@ -307,6 +305,5 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
             group["lr"] = self.hparams.finetune_lr
         loss = F.cross_entropy(self.encoder(images), labels)
         self._update(student_opt, None, loss)
-        self._update_ema()
         self.steps_done += 1
         self.report_loss(loss, len(labels))
