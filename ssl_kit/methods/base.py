@@ -47,6 +47,10 @@ class SSLMethod(pl.LightningModule):
     # (metric, "max" | "min") of the run's best checkpoint; None: the k-NN monitor's knn_top1 (train loss without it)
     checkpoint_monitor: ClassVar[tuple[str, str] | None] = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loss_terms: dict[str, Callable[[], Tensor | None]] = {}  # see add_loss_term
+
     def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
         """The callbacks this method adds to every ``ssl-pretrain`` run: its pictures (PNG files written into
         ``pictures_dir`` each epoch) and its EMA teacher; an empty list by default."""
@@ -69,14 +73,14 @@ class SSLMethod(pl.LightningModule):
         Used by callbacks such as :class:`ssl_kit.qscore.QScoreRegularizer`; the term is divided by
         ``accumulate_grad_batches`` and scaled by the fp16 grad scaler exactly like the method's loss.
         """
-        self.__dict__.setdefault("_loss_terms", {})[name] = term
+        self._loss_terms[name] = term
 
     def remove_loss_term(self, name: str) -> None:
-        self.__dict__.get("_loss_terms", {}).pop(name, None)
+        self._loss_terms.pop(name, None)
 
     def extra_loss(self) -> Tensor | None:
         """Sum of the attached loss terms for the current step (None when there are none)."""
-        values = [v for v in (t() for t in self.__dict__.get("_loss_terms", {}).values()) if v is not None]
+        values = [v for v in (t() for t in self._loss_terms.values()) if v is not None]
         if not values:
             return None
         total = torch.stack([v.reshape(()) for v in values]).sum()
