@@ -35,9 +35,9 @@ def test_uda_logs_tsa_and_mask_saves_subset_and_exports_a_timm_classifier(tmp_pa
     assert subset["labels_per_class"] == 10 and len(subset["indices"]) == 100
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["ssl_kit"]["export_prefix"] == "ema_encoder."
+    assert ckpt["ssl_kit"]["export_prefix"] == "ema_classifier."
     classifier = load_exported_encoder(run / "encoder").eval()  # plain timm, head included
-    ema = {k[len("ema_encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_encoder.")}
+    ema = {k[len("ema_classifier."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_classifier.")}
     assert classifier.num_classes == 10
     for key, value in classifier.state_dict().items():
         assert torch.equal(value, ema[key]), key
@@ -97,7 +97,7 @@ def test_uda_resumed_mid_epoch_ends_with_the_same_weights(tmp_path):
     assert stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}] * 2
     assert run_tiny("uda", cut, *fp32, "--ckpt_path", "last") == 0
     a, _ = assert_same_final_state(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt", steps=4)
-    assert any(k.startswith("ema_encoder.") for k in a["state_dict"])  # the evaluated EMA classifier is compared too
+    assert any(k.startswith("ema_classifier.") for k in a["state_dict"])  # the evaluated EMA classifier is compared too
 
 
 def test_mpl_runs_under_two_process_cpu_ddp(tmp_path):

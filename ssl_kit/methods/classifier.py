@@ -86,8 +86,8 @@ def pre_logits(model: VisionTransformer, images: Tensor) -> Tensor:
 
 
 class SemiSupervisedClassifier(ValidationTop1, SSLMethod):
-    """Base of UDA and MPL: ``self.encoder`` is the trained classifier (student), :meth:`export_module`
-    the one that is evaluated and exported (its EMA). Validation logs ``val_top1`` of the exported model,
+    """Base of UDA and MPL: ``self.encoder`` is the trained classifier (UDA's ``classifier``, MPL's ``student``),
+    :meth:`export_module` the one that is evaluated and exported (its EMA, ``ema_classifier`` / ``ema_student``). Validation logs ``val_top1`` of the exported model,
     which the run's "best" checkpoint follows."""
 
     checkpoint_monitor = ("val_top1", "max")

@@ -124,7 +124,7 @@ def meta_pseudo_labels_step(
 class MetaPseudoLabels(SemiSupervisedClassifier):
     """Teacher and student ViT classifiers trained together (manual optimisation, two optimisers).
 
-    ``self.encoder`` is the student; its EMA (``ema_decay``, warm-started ``min(ema_decay, 1 - 1/(i+1))``,
+    ``self.student`` is the student classifier; its EMA (``ema_decay``, warm-started ``min(ema_decay, 1 - 1/(i+1))``,
     updated by the :class:`ssl_kit.teacher.EMATeacher` callback after every training step) is evaluated and
     exported. Both optimisers, both schedulers, the feedback baseline and the step counter are in every checkpoint.
 
@@ -191,16 +191,21 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
                      encoder_kwargs=encoder_kwargs, num_classes=num_classes, init_from=init_from,
                      drop_path_rate=drop_path_rate, global_pool=global_pool)
         self.teacher, _ = build_classifier(**build)
-        self.encoder, self.encoder_spec = build_classifier(**build)
+        self.student, self.encoder_spec = build_classifier(**build)
         if init_from is None:
-            self.encoder.load_state_dict(self.teacher.state_dict())  # the same start, as MPL
-        self.ema_encoder = make_ema_copy(self.encoder)
+            self.student.load_state_dict(self.teacher.state_dict())  # the same start, as MPL
+        self.ema_student = make_ema_copy(self.student)
         self.register_buffer("moving_feedback", torch.zeros(()))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.init_metrics(num_classes)
 
+    @property
+    def encoder(self) -> nn.Module:  # type: ignore[override]
+        """The student (timm ViT classifier); its EMA is evaluated and exported."""
+        return self.student
+
     def export_module(self) -> nn.Module:
-        return self.ema_encoder
+        return self.ema_student
 
     def init_metrics(self, num_classes: int) -> None:
         super().init_metrics(num_classes)
@@ -214,7 +219,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         self.log("val_top1_teacher", self.val_acc_teacher, prog_bar=True, on_epoch=True, batch_size=len(labels))
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.encoder, self.ema_encoder)]
+        return [(self.student, self.ema_student)]
 
     def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
         """Each epoch, fixed unlabeled images in weak / strong views with the teacher's labels; the student's EMA
@@ -251,7 +256,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         total = int(self.trainer.estimated_stepping_batches)
         warmup, wait = int(round(hp.warmup_epochs * per_epoch)), int(round(hp.student_wait_epochs * per_epoch))
         teacher_opt = self._optimizer("teacher", self.teacher, hp.teacher_lr)
-        student_opt = self._optimizer("student", self.encoder, hp.student_lr)
+        student_opt = self._optimizer("student", self.student, hp.student_lr)
         teacher_sched = torch.optim.lr_scheduler.LambdaLR(teacher_opt, lambda s: warmup_cosine(s, warmup, total))
         student_sched = torch.optim.lr_scheduler.LambdaLR(
             student_opt, lambda s: 0.0 if s < wait else warmup_cosine(s - wait, warmup, total - wait))
@@ -283,7 +288,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         ramp = max(hp.uda_ramp_epochs * steps_per_epoch(self.trainer), 1.0)
 
         out = meta_pseudo_labels_step(
-            self.teacher, self.encoder, batch["labeled"], batch["unlabeled"],
+            self.teacher, self.student, batch["labeled"], batch["unlabeled"],
             uda_weight=hp.lambda_u * min(1.0, (step + 1) / ramp), temperature=hp.temperature,
             threshold=hp.threshold, label_smoothing=hp.label_smoothing, soft_pseudo_labels=hp.soft_pseudo_labels,
             update_student=lambda loss: self._update(student_opt, student_sched, loss),
@@ -303,7 +308,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         images, labels = batch["labeled"]
         for group in student_opt.param_groups:
             group["lr"] = self.hparams.finetune_lr
-        loss = F.cross_entropy(self.encoder(images), labels)
+        loss = F.cross_entropy(self.student(images), labels)
         self._update(student_opt, None, loss)
         self.steps_done += 1
         self.report_loss(loss, len(labels))

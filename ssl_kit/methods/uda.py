@@ -73,20 +73,25 @@ class UDA(SemiSupervisedClassifier):
         tsa_threshold(tsa, 0.0, num_classes)  # validates the schedule name
         self.save_hyperparameters()
         check_settings(self.hparams)
-        self.encoder, self.encoder_spec = build_classifier(
+        self.classifier, self.encoder_spec = build_classifier(
             encoder, img_size, patch_size, in_chans, encoder_kwargs, num_classes, init_from, drop_path_rate, global_pool)
-        self.ema_encoder = make_ema_copy(self.encoder)
+        self.ema_classifier = make_ema_copy(self.classifier)
         self.init_metrics(num_classes)
 
+    @property
+    def encoder(self) -> torch.nn.Module:  # type: ignore[override]
+        """The trained classifier (timm ViT with its head); its EMA is evaluated and exported."""
+        return self.classifier
+
     def export_module(self) -> torch.nn.Module:
-        return self.ema_encoder
+        return self.ema_classifier
 
     def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-        return [(self.encoder, self.ema_encoder)]
+        return [(self.classifier, self.ema_classifier)]
 
     def pseudo_labeller(self) -> tuple[torch.nn.Module, float]:
         """The model whose weak-view predictions are the consistency targets, and the mask threshold."""
-        return self.encoder, self.hparams.confidence_threshold
+        return self.classifier, self.hparams.confidence_threshold
 
     def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
         """Pseudo-label pictures, and the EMA of the classifier (evaluated and exported)."""
@@ -104,10 +109,10 @@ class UDA(SemiSupervisedClassifier):
             weak_images, strong_images = batch["unlabeled"]
             # the target carries no gradient (the reference stops it); only entropy minimisation needs the graph
             with torch.set_grad_enabled(hp.entropy_weight > 0):
-                weak = self.encoder(weak_images)
-            logits = self.encoder(torch.cat([images, strong_images]))
+                weak = self.classifier(weak_images)
+            logits = self.classifier(torch.cat([images, strong_images]))
         else:
-            logits = self.encoder(images)
+            logits = self.classifier(images)
 
         progress = self.global_step / max(1, self.trainer.estimated_stepping_batches)
         threshold = tsa_threshold(hp.tsa, progress, hp.num_classes)
@@ -128,6 +133,6 @@ class UDA(SemiSupervisedClassifier):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = classifier_param_groups(self.encoder, hp.weight_decay, hp.layer_decay)
+        groups = classifier_param_groups(self.classifier, hp.weight_decay, hp.layer_decay)
         return adamw_warmup_cosine(self, groups, hp.base_lr, self.trainer.datamodule.batch_size, hp.warmup_epochs,
                                    betas=tuple(hp.betas), min_lr=hp.min_lr)
