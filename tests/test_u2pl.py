@@ -216,3 +216,23 @@ def test_memory_bank_keys_are_gathered_from_every_process():
     expected = [[0.0] * 3, [1.0] * 3, [1.0] * 3]  # variable sizes, rank order
     assert results[0][0] == results[1][0] == expected
     assert results[0][1] == results[1][1] == expected  # identical banks on every process
+
+
+def test_pretrained_encoder_is_resampled_to_the_segmenter_patch(tmp_path):
+    """`--model.patch_size` with `--model.init_from`: timm resamples the pretrained patch embedding (as Soft
+    Teacher's); None keeps the encoder's own patch."""
+    from ssl_kit.encoders import export_encoder
+    from ssl_kit.methods import U2PL
+
+    spec = resolve_encoder_spec("tiny", img_size=32, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2)
+    pretrained = build_encoder(spec)
+    export_encoder(pretrained, spec, tmp_path / "encoder")
+    kwargs = dict(init_from=str(tmp_path / "encoder"), img_size=64, in_chans=1, head_dim=16, rep_dim=8, memory_size=4)
+    resampled = U2PL(**kwargs, patch_size=8, num_upsample=2)  # 8 x 8 tokens at 64 px, upsampled to stride 2
+    assert resampled.encoder.patch_embed.patch_size == (8, 8) and resampled.encoder.pos_embed.shape[1] == 1 + 8 * 8
+    assert resampled.encoder_spec.kwargs["patch_size"] == 8
+    assert torch.equal(resampled.encoder.blocks[0].mlp.fc1.weight, pretrained.blocks[0].mlp.fc1.weight)
+    assert resampled.student(torch.randn(2, 1, 64, 64)).logits.shape == (2, 11, 64, 64)
+    kept = U2PL(**kwargs, patch_size=None)
+    assert kept.encoder.patch_embed.patch_size == (4, 4)
+    assert torch.equal(kept.encoder.patch_embed.proj.weight, pretrained.patch_embed.proj.weight)

@@ -68,7 +68,9 @@ class U2PL(StudentTeacherMethod):
         * the teacher runs in eval mode for both its forwards.
 
     Args:
-        encoder, encoder_kwargs, patch_size, img_size, in_chans: the ViT (random init).
+        encoder, encoder_kwargs, img_size, in_chans: the ViT (random init).
+        patch_size: patch of the ViT (random init: 4 when None); with ``init_from`` a pretrained encoder's patch
+            embedding is resampled to it (timm's resampling; None keeps the encoder's own patch).
         num_classes: K, background included (11 for the built-in scenes).
         init_from: start from a pretrained checkpoint / encoder export (any method).
         drop_path_rate: stochastic depth.
@@ -92,7 +94,7 @@ class U2PL(StudentTeacherMethod):
         self,
         encoder: str = "tiny",
         encoder_kwargs: dict[str, Any] | None = None,
-        patch_size: int = 4,
+        patch_size: int | None = 4,
         img_size: int = 64,
         in_chans: int = 1,
         num_classes: int = 11,
@@ -131,8 +133,10 @@ class U2PL(StudentTeacherMethod):
                 f"--model.low_rank {low_rank} must be >= 1 and below both --model.high_rank {high_rank} and "
                 f"--model.num_classes {num_classes} (the paper: 3 and 20 of 21 classes; high_rank is capped at the "
                 "classes).")
-        source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
-        vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate)
+        source = pretrained_or_random(init_from, encoder, patch_size or 4, encoder_kwargs)
+        resample = {"patch_size": patch_size} if init_from and patch_size else {}
+        vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate,
+                                              **resample)
         head = ProgressiveUpsamplingHead(vit.embed_dim, num_classes, head_dim, rep_dim, num_upsample)
         self.student = SegmentationNet(vit, head)
         self.ema_teacher = make_ema_copy(self.student)
