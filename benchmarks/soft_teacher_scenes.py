@@ -27,7 +27,7 @@ METRICS = ["val_map", "val_map50", "val_map_student", "val_map50_student"]
 
 
 def plot(result: dict, path: Path) -> None:
-    """mAP@50 of the teacher (solid) and the student (dashed) per epoch, one colour per run."""
+    """mAP@50 of the teacher (solid) and the student (dashed) against optimizer steps, one colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,11 +36,11 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, row) in enumerate(sorted(result["runs"].items())):
         colour = f"C{i}"
-        ax.plot(range(1, len(row["val_map50_per_epoch"]) + 1), row["val_map50_per_epoch"], color=colour, label=name)
+        steps = row["curve_steps"]
+        ax.plot(steps, row["val_map50_per_epoch"], color=colour, label=name)
         if row.get("val_map50_student_per_epoch"):
-            ax.plot(range(1, len(row["val_map50_student_per_epoch"]) + 1), row["val_map50_student_per_epoch"],
-                    color=colour, linestyle="--")
-    ax.set_xlabel("epoch (200 steps; 300 for the first det_supervised rows)")
+            ax.plot(steps, row["val_map50_student_per_epoch"], color=colour, linestyle="--")
+    ax.set_xlabel("optimizer steps")
     ax.set_ylabel("val mAP@50 (solid: teacher, dashed: student)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

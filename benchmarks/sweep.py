@@ -16,6 +16,11 @@ def metric_curve(run_dir: Path, name: str) -> list[float]:
     return [float(r[name]) for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(name)]
 
 
+def metric_steps(run_dir: Path, name: str) -> list[int]:
+    """The optimizer steps taken when each value of ``name`` was logged (Lightning logs the 0-based step index)."""
+    return [int(r["step"]) + 1 for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(name)]
+
+
 def load_results(out: Path, protocol: str) -> dict:
     return json.loads(out.read_text()) if out.is_file() else {"protocol": protocol, "runs": {}}
 
@@ -36,6 +41,7 @@ def record_run(run_dir: Path, metrics: list[str], result: dict, name: str, out: 
     for metric in metrics:
         curve = metric_curve(run_dir, metric)
         row[metric], row[f"{metric}_per_epoch"] = curve[-1], curve
+    row["curve_steps"] = metric_steps(run_dir, metrics[0])  # the optimizer step of each curve value
     row.update(wall_s=round(wall_s, 1), command=command)
     result["runs"][name] = row
     print(json.dumps(row), flush=True)
