@@ -17,7 +17,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -39,6 +38,7 @@ from ssl_kit.methods.base import SSLMethod
 from ssl_kit.precision import Trainer
 from ssl_kit.runtime import setup_logging, tune_cpu_allocator
 from ssl_kit.teacher import EMATeacher
+from ssl_kit.validation import check_trainer_settings
 
 log = logging.getLogger("ssl_kit")
 
@@ -95,6 +95,10 @@ class PretrainCLI(LightningCLI):
                             help="Checkpoint to resume from; 'last': the newest of RUN_DIR/checkpoints/last.ckpt and "
                             "RUN_DIR/hpc_ckpt_N.ckpt (SLURM requeue), a fresh start when there is none.")
         parser.add_argument("--knn_every_n_epochs", type=int, default=1, help="k-NN monitor frequency (0 = off).")
+        parser.add_argument("--keep_every_n_steps", type=int, default=0,
+                            help="Also keep a checkpoint every N optimizer steps, never overwritten: "
+                            "RUN_DIR/checkpoints/steps/step=NNNNNN.ckpt (0 = off); --ckpt_path one of them continues "
+                            "from that state, e.g. with other settings.")
         parser.add_argument("--qscore", type=bool, default=False,
                             help="Add the Q-score regulariser (lambda 1e-4, 1e-4) and the Q-score/sparsity monitor.")
         parser.add_argument("--init_weights", type=str | None, default=None,
@@ -161,6 +165,12 @@ class PretrainCLI(LightningCLI):
         self.on_signal = CheckpointOnSignal(checkpoints / "last.ckpt")
         callbacks: list[pl.Callback] = list(self.config_init["trainer"].get("callbacks") or [])
         callbacks += [c for c in (self.checkpoint, self.last_checkpoint) if c is not None]
+        keep_every = int(self.config.get("keep_every_n_steps") or 0)
+        if keep_every < 0:
+            raise UserError(f"--keep_every_n_steps must be >= 0 (0 = keep no step checkpoints), got {keep_every}.")
+        if keep_every:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoints / "steps", filename="step={step:06d}",
+                                             auto_insert_metric_name=False, every_n_train_steps=keep_every, save_top_k=-1))
         callbacks += [self.on_signal, RestoreLoaderPosition(), LearningRateMonitor(logging_interval="step")]
         if self.config_init["trainer"].get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
@@ -187,21 +197,6 @@ class PretrainCLI(LightningCLI):
             finally:
                 dm.trainer = None
         return trainer
-
-
-def check_trainer_settings(trainer: Mapping[str, Any]) -> None:
-    """The Trainer settings Lightning accepts but our schedules cannot use (it would divide by zero, or train on
-    without end), each as one UserError."""
-    accumulate = trainer.get("accumulate_grad_batches", 1)
-    if accumulate is not None and accumulate < 1:
-        raise UserError(f"--trainer.accumulate_grad_batches must be >= 1 (1 = an optimizer step per batch), "
-                        f"got {accumulate}.")
-    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
-    if epochs is not None and epochs < -1:
-        raise UserError(f"--trainer.max_epochs must be >= 1 (or -1 with --trainer.max_steps), got {epochs}.")
-    if epochs == -1 and (steps is None or steps < 0):
-        raise UserError("--trainer.max_epochs -1 trains without end and the learning-rate schedule needs one: pass "
-                        "--trainer.max_steps N too, or a number of epochs.")
 
 
 def require_writable_folder(run_dir: Path) -> None:

@@ -5,7 +5,8 @@ One table, :data:`RULES` (:data:`DATA_RULES` for the data modules), maps a hyper
 :func:`check_settings` on its ``hparams``, so a setting shared by several methods (``ema_decay``, ``num_classes``,
 ``betas``) is checked the same way everywhere. A failure is one :class:`~ssl_kit.errors.UserError` naming the flag,
 the valid range and the value given. Checks that combine settings (LoMaR's window vs the patch grid, U2PL's ranks
-vs the classes) stay in the method that knows the combination.
+vs the classes) stay in the method that knows the combination. :func:`check_trainer_settings` does the same for the
+Trainer settings our schedules cannot use.
 """
 from __future__ import annotations
 
@@ -136,3 +137,18 @@ def require(condition: bool, message: str) -> None:
     """Raise ``UserError(message)`` unless ``condition``: for checks that combine settings."""
     if not condition:
         raise UserError(message)
+
+
+def check_trainer_settings(trainer: Mapping[str, Any]) -> None:
+    """The Trainer settings Lightning accepts but our schedules cannot use (it would divide by zero, or train on
+    without end), each as one UserError."""
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if accumulate is not None and accumulate < 1:
+        raise UserError(f"--trainer.accumulate_grad_batches must be >= 1 (1 = an optimizer step per batch), "
+                        f"got {accumulate}.")
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if epochs is not None and epochs < -1:
+        raise UserError(f"--trainer.max_epochs must be >= 1 (or -1 with --trainer.max_steps), got {epochs}.")
+    if epochs == -1 and (steps is None or steps < 0):
+        raise UserError("--trainer.max_epochs -1 trains without end and the learning-rate schedule needs one: pass "
+                        "--trainer.max_steps N too, or a number of epochs.")

@@ -182,6 +182,7 @@ BAD_INPUTS += [  # {inputs}: files the `inputs` fixture writes (checkpoints, mas
     (["--recipe", "mae", "--model.mask_ratio", "abc"], "--model.mask_ratio: Expected a float. Got value: abc"),
     # trainer and launch
     (["--recipe", "mae", "--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be >= 1"),
+    (["--recipe", "mae", "--keep_every_n_steps", "-2"], "--keep_every_n_steps must be >= 0"),
     (["--recipe", "mae", "--trainer.accelerator", "tpu"], "these settings could not be built: Requirement 'torch_xla"),
     (["--recipe", "mae", "--trainer.strategy", "warp_drive"], "invalid strategy name: `strategy='warp_drive'`"),
     (["--recipe", "mae", "--data.root", "{inputs}/twenty", "--data.img_size", "16", "--data.batch_size", "16",

@@ -66,6 +66,18 @@ def test_resume_ends_with_the_same_weights(tmp_path, capsys):
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6
 
 
+def test_kept_step_checkpoints_continue_exactly_into_another_run_folder(tmp_path):
+    """--keep_every_n_steps 2 keeps steps 2, 4, 6 (never overwritten); a new run from step 4, mid-epoch, ends with
+    the uninterrupted run's weights (how a paired comparison starts two settings from one state)."""
+    full, branch = tmp_path / "full", tmp_path / "branch"
+    fp32 = ("--trainer.max_epochs", "2", "--trainer.precision", "32-true")
+    assert run_tiny("mae", full, *fp32, "--keep_every_n_steps", "2") == 0
+    kept = sorted(p.name for p in (full / "checkpoints" / "steps").iterdir())
+    assert kept == ["step=000002.ckpt", "step=000004.ckpt", "step=000006.ckpt"]
+    assert run_tiny("mae", branch, *fp32, "--ckpt_path", str(full / "checkpoints" / "steps" / "step=000004.ckpt")) == 0
+    assert_same_final_state(full / "checkpoints" / "last.ckpt", branch / "checkpoints" / "last.ckpt", steps=6)
+
+
 def test_one_class_folder_logs_no_knn_and_the_best_checkpoint_is_the_last(tmp_path, capsys, ssl_caplog):
     """Issue #26: k-NN on one class scored 1.0 every epoch and named best-epoch000-knn1.0000.ckpt the best."""
     from helpers import save
