@@ -11,14 +11,10 @@ from pathlib import Path
 
 
 
-def metric_curve(run_dir: Path, name: str) -> list[float]:
-    """Every value of ``name`` the run logged, in order."""
-    return [float(r[name]) for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(name)]
-
-
-def metric_steps(run_dir: Path, name: str) -> list[int]:
-    """The optimizer steps taken when each value of ``name`` was logged (Lightning logs the 0-based step index)."""
-    return [int(r["step"]) + 1 for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(name)]
+def logged_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of the run's metrics.csv."""
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
 
 
 def load_results(out: Path, protocol: str) -> dict:
@@ -38,10 +34,12 @@ def record_run(run_dir: Path, metrics: list[str], result: dict, name: str, out: 
     """Record a finished run (its metrics' last values and per-epoch curves, wall time, command) in ``result``
     and rewrite ``out``."""
     row: dict = dict(info)
+    rows = logged_rows(run_dir)
     for metric in metrics:
-        curve = metric_curve(run_dir, metric)
+        curve = [float(r[metric]) for r in rows if r.get(metric)]
         row[metric], row[f"{metric}_per_epoch"] = curve[-1], curve
-    row["curve_steps"] = metric_steps(run_dir, metrics[0])  # the optimizer step of each curve value
+    # the optimizer steps taken at each curve value (Lightning logs the 0-based step index)
+    row["curve_steps"] = [int(r["step"]) + 1 for r in rows if r.get(metrics[0])]
     row.update(wall_s=round(wall_s, 1), command=command)
     result["runs"][name] = row
     print(json.dumps(row), flush=True)
