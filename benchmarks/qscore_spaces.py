@@ -8,7 +8,12 @@ wrong way). Feature spaces (``dataset`` statistics from the training features):
   abs / relu      |h| / max(h, 0)
   standardized    relu((h - mean) / std) per dimension (invariant to a LayerNorm gain and bias)
   scaled          relu(h / std) per dimension (invariant to a LayerNorm gain only)
+  unit_abs        |h| / || h ||_2 per sample (no rescaling of a sample changes it; Q becomes Z * L2 / L1)
+  unit_relu       relu(h) / || relu(h) ||_2 per sample
 Scores: Q (the paper's), its parts Z = (max - mean) / sigma and 1 / L1, and the max.
+Readouts: ``cls`` and ``avgpool`` (after the final LayerNorm), and ``mlp_cls`` / ``mlp_avgpool``: the last block's
+MLP hidden activations (fc1 -> GELU, 4 x width, no LayerNorm after them), the ViT's closest analogue of the
+post-ReLU features the paper scores (``--mlp_hidden``).
 
 Usage (2 CPU cores, ~4 min per encoder; features are cached in --cache):
     python benchmarks/qscore_spaces.py runs/bench_effects/mae_s0/encoder runs/bench_effects/mae_s1/encoder
@@ -28,9 +33,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc
 
 from ssl_effects import readouts_of  # same folder
-from ssl_kit.data.fashion_mnist import load_fashion_mnist
+from ssl_kit.data.augment import EvalTransform
+from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.data.module import EpochSeededRandomSampler
-from ssl_kit.encoders import EncoderSource, load_encoder
+from ssl_kit.encoders import EncoderSource, load_encoder, select_attention_kernel
+from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_readouts
 from ssl_kit.eval.linear_probe import LinearProbe
 from ssl_kit.losses.qscore import qscore
 from ssl_kit.precision import autocast_dtype, resolve_precision
@@ -51,9 +58,34 @@ def probe_correct(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Te
         return (module(test_f).argmax(dim=1) == test_y).long()
 
 
+def mlp_hidden_of(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``{"mlp_cls": [N, 4D], "mlp_avgpool": [N, 4D]}``: the last block's MLP activations (after GELU) at [CLS] and
+    averaged over the patch tokens, from one forward pass per batch of uint8 ``images``."""
+    captured: list[torch.Tensor] = []
+    hook = model.blocks[-1].mlp.act.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        prefix = model.num_prefix_tokens
+
+        def embed(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            captured.clear()
+            model.forward_features(x)
+            hidden = captured[-1]  # [B, prefix + L, 4D]
+            return {"mlp_cls": hidden[:, 0], "mlp_avgpool": hidden[:, prefix:].mean(dim=1)}
+
+        model.eval()
+        select_attention_kernel(model, model.patch_embed.num_patches + prefix, "cpu")
+        loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=FEATURE_BATCH_CPU)
+        with torch.inference_mode():
+            return extract_readouts(embed, loader, EvalTransform(32, MEAN, STD), torch.device("cpu"), dtype)[0]
+    finally:
+        hook.remove()
+
+
 def spaces(h: torch.Tensor, train: torch.Tensor) -> dict[str, torch.Tensor]:
     mean, std = train.mean(dim=0), train.std(dim=0)
-    return {"raw": h, "abs": h.abs(), "relu": h.relu(), "standardized": ((h - mean) / std).relu(), "scaled": (h / std).relu()}
+    unit = torch.nn.functional.normalize
+    return {"raw": h, "abs": h.abs(), "relu": h.relu(), "standardized": ((h - mean) / std).relu(), "scaled": (h / std).relu(),
+            "unit_abs": unit(h.abs(), dim=1), "unit_relu": unit(h.relu(), dim=1)}
 
 
 def scores(f: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,6 +98,7 @@ def main() -> None:
     parser.add_argument("encoders", nargs="+", help="export folders")
     parser.add_argument("--cache", default="runs/bench_qscore_spaces")
     parser.add_argument("--result", default="qscore_spaces.json")
+    parser.add_argument("--mlp_hidden", action="store_true", help="also score the last block's MLP activations")
     args = parser.parse_args()
     torch.set_num_threads(2)
     dtype = autocast_dtype(resolve_precision("auto", "cpu"))
@@ -83,8 +116,20 @@ def main() -> None:
             feats = {"tr": readouts_of(model, train_x, dtype), "te": readouts_of(model, test_x, dtype)}
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save(feats, cache)
+        readouts = ["cls", "avgpool"]
+        if args.mlp_hidden:
+            mlp_cache = cache.with_name(cache.stem + "_mlp.pt")
+            if mlp_cache.is_file():
+                mlp = torch.load(mlp_cache)
+            else:
+                model, _ = load_encoder(EncoderSource(encoder=encoder), 32, 1)
+                mlp = {"tr": mlp_hidden_of(model, train_x, dtype), "te": mlp_hidden_of(model, test_x, dtype)}
+                torch.save(mlp, mlp_cache)
+            for split in ("tr", "te"):
+                feats[split].update(mlp[split])
+            readouts += ["mlp_cls", "mlp_avgpool"]
         rows = {}
-        for readout in ("cls", "avgpool"):
+        for readout in readouts:
             train_f, test_f = feats["tr"][readout], feats["te"][readout]
             correct = probe_correct(train_f, train_y, test_f, test_y)
             rows[readout] = {"probe_top1": round(float(correct.float().mean()), 4)}
