@@ -33,11 +33,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc
 
 from ssl_effects import readouts_of  # same folder
-from ssl_kit.data.augment import EvalTransform
-from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
+from ssl_kit.data.fashion_mnist import load_fashion_mnist
 from ssl_kit.data.module import EpochSeededRandomSampler
-from ssl_kit.encoders import EncoderSource, load_encoder, select_attention_kernel
-from ssl_kit.eval.knn import FEATURE_BATCH_CPU, extract_readouts
+from ssl_kit.encoders import EncoderSource, load_encoder
 from ssl_kit.eval.linear_probe import LinearProbe
 from ssl_kit.losses.qscore import qscore
 from ssl_kit.precision import autocast_dtype, resolve_precision
@@ -62,21 +60,17 @@ def mlp_hidden_of(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dty
     """``{"mlp_cls": [N, 4D], "mlp_avgpool": [N, 4D]}``: the last block's MLP activations (after GELU) at [CLS] and
     averaged over the patch tokens, from one forward pass per batch of uint8 ``images``."""
     captured: list[torch.Tensor] = []
+    prefix = model.num_prefix_tokens
+
+    def embed(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        captured.clear()
+        model.forward_features(x)
+        hidden = captured[-1]  # [B, prefix + L, 4D]
+        return {"mlp_cls": hidden[:, 0], "mlp_avgpool": hidden[:, prefix:].mean(dim=1)}
+
     hook = model.blocks[-1].mlp.act.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        prefix = model.num_prefix_tokens
-
-        def embed(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            captured.clear()
-            model.forward_features(x)
-            hidden = captured[-1]  # [B, prefix + L, 4D]
-            return {"mlp_cls": hidden[:, 0], "mlp_avgpool": hidden[:, prefix:].mean(dim=1)}
-
-        model.eval()
-        select_attention_kernel(model, model.patch_embed.num_patches + prefix, "cpu")
-        loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=FEATURE_BATCH_CPU)
-        with torch.inference_mode():
-            return extract_readouts(embed, loader, EvalTransform(32, MEAN, STD), torch.device("cpu"), dtype)[0]
+        return readouts_of(model, images, dtype, embed)
     finally:
         hook.remove()
 

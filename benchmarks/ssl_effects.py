@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -46,13 +46,15 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
     return round(float((pred == test_y).float().mean()), 4)
 
 
-def readouts_of(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """``{readout: [N, D]}`` of uint8 ``images`` (one forward pass per batch)."""
+def readouts_of(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None,
+                embed: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """``{readout: [N, D]}`` of uint8 ``images`` (one forward pass per batch): ``embed(normalised batch)``, by default
+    both readouts of :func:`readout_features`."""
     model.eval()
     select_attention_kernel(model, model.patch_embed.num_patches + model.num_prefix_tokens, "cpu")
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=FEATURE_BATCH_CPU)
     with torch.inference_mode():
-        return extract_readouts(lambda x: readout_features(model, x), loader, EvalTransform(32, MEAN, STD),
+        return extract_readouts(embed or (lambda x: readout_features(model, x)), loader, EvalTransform(32, MEAN, STD),
                                 torch.device("cpu"), dtype)[0]
 
 
