@@ -312,3 +312,23 @@ def test_a_trained_classifier_given_as_init_from_keeps_its_head_a_bare_encoder_g
     assert torch.equal(model.head.weight, classifier.head.weight)  # UDA / MPL start from the fine-tuned model
     other_pool, _ = build_classifier("tiny", 16, 4, 1, None, 10, str(tmp_path / "classifier"), 0.0, "token")
     assert other_pool.head.weight.abs().max() < 1e-3  # a head trained on another readout is not reused
+
+
+def test_mpl_teacher_init_from_starts_the_teacher_from_its_own_export_and_the_student_from_init_from(tmp_path):
+    """Issue #22: MPL's teacher warm-up done beforehand (a UDA export), the student from the supervised export."""
+    from ssl_kit.encoders import build_encoder, export_encoder, resolve_encoder_spec
+    from ssl_kit.methods import MetaPseudoLabels
+
+    spec = resolve_encoder_spec("tiny", img_size=16, patch_size=4, in_chans=1, depth=1, embed_dim=32, num_heads=2,
+                                num_classes=10, global_pool="avg")
+    exports = {}
+    for name in ("uda", "supervised"):
+        exports[name] = build_encoder(spec)
+        export_encoder(exports[name], spec, tmp_path / name)
+    module = MetaPseudoLabels(img_size=16, global_pool="avg", init_from=str(tmp_path / "supervised"),
+                              teacher_init_from=str(tmp_path / "uda"))
+    for network, source in ((module.teacher, exports["uda"]), (module.student, exports["supervised"])):
+        assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), source.state_dict().values()))
+    assert not torch.equal(module.teacher.head.weight, module.student.head.weight)
+    with pytest.raises(UserError, match="--model.teacher_init_from .* does not exist"):
+        MetaPseudoLabels(img_size=16, global_pool="avg", teacher_init_from=str(tmp_path / "missing"))

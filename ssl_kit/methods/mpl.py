@@ -131,6 +131,8 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
     Args:
         encoder, encoder_kwargs, patch_size, img_size, in_chans, num_classes, init_from: both classifiers
             (``init_from``: a pretrained checkpoint / export used for teacher AND student).
+        teacher_init_from: a checkpoint / export for the teacher only (MPL's teacher warm-up done beforehand: e.g.
+            a UDA run's export, with the student from ``init_from``, e.g. the supervised export).
         drop_path_rate: stochastic depth of both.
         global_pool: classifier input of both, ``token`` ([CLS]) or ``avg`` (mean patch token, MAE's fine-tuning).
         temperature: UDA sharpening temperature of the teacher (0.7 in MPL).
@@ -160,6 +162,7 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         in_chans: int = 1,
         num_classes: int = 10,
         init_from: str | None = None,
+        teacher_init_from: str | None = None,
         drop_path_rate: float = 0.0,
         global_pool: Literal["token", "avg"] = "token",
         temperature: float = 0.7,
@@ -190,9 +193,12 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         build = dict(encoder=encoder, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                      encoder_kwargs=encoder_kwargs, num_classes=num_classes, init_from=init_from,
                      drop_path_rate=drop_path_rate, global_pool=global_pool)
-        self.teacher, _ = build_classifier(**build)
+        if teacher_init_from and not Path(teacher_init_from).expanduser().exists():
+            raise UserError(f"--model.teacher_init_from {teacher_init_from} does not exist: pass a checkpoint (.ckpt) "
+                            "or an export folder (e.g. a UDA run's encoder/).")
+        self.teacher, _ = build_classifier(**dict(build, init_from=teacher_init_from or init_from))
         self.student, self.encoder_spec = build_classifier(**build)
-        if init_from is None:
+        if init_from is None and teacher_init_from is None:
             self.student.load_state_dict(self.teacher.state_dict())  # the same start, as MPL
         self.ema_student = make_ema_copy(self.student)
         self.register_buffer("moving_feedback", torch.zeros(()))
