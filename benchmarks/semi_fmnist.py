@@ -5,7 +5,9 @@ and run seed), runs the shipped recipes ``supervised``, ``uda`` and ``mpl`` with
 (``--extra``), so every method has the same encoder, steps and labeled batches (UDA / MPL add 2 x 112
 unlabeled views per step). ``METHOD@supervised`` continues from the same seed's supervised export, head
 included (UDA's "start from the fine-tuned model"); ``supervised@supervised`` is its like-for-like baseline
-(the same labeled steps again). Scores the exported model (EMA classifier / EMA student), loaded with plain
+(the same labeled steps again). ``mpl@uda`` is MPL with its teacher warm-up done beforehand: the student starts
+from the seed's supervised export, the teacher from the seed's ``uda@supervised`` export (run that first, in the
+same ``--runs``). Scores the exported model (EMA classifier / EMA student), loaded with plain
 timm, on all 10k test images, and records steps and wall time. Results are written after every run, so a
 partial sweep keeps its rows; ``summary`` holds the mean and spread over seeds.
 
@@ -80,10 +82,15 @@ def main() -> None:
         run_dir = Path(args.runs) / name
         cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir), "--seed_everything", str(seed),
                "--data.seed", str(seed), "--data.labels_per_class", str(labels), "--data.val_size", "500", *args.extra]
+        supervised_export = Path(args.runs) / f"supervised_{labels}pc_{init}_s{seed}" / "encoder"
         if method.endswith(FROM_SUPERVISED):  # e.g. uda@supervised: start from this seed's supervised export
             recipe = method[: -len(FROM_SUPERVISED)]
             cmd[2] = recipe
-            cmd += ["--model.init_from", str(Path(args.runs) / f"supervised_{labels}pc_{init}_s{seed}" / "encoder")]
+            cmd += ["--model.init_from", str(supervised_export)]
+        elif method == "mpl@uda":  # student from the supervised export, teacher from this seed's UDA export
+            cmd[2] = "mpl"
+            cmd += ["--model.init_from", str(supervised_export), "--model.teacher_init_from",
+                    str(Path(args.runs) / f"uda@supervised_{labels}pc_{init}_s{seed}" / "encoder")]
         elif init == "mae":
             cmd += ["--model.init_from", args.mae_encoder]
         start = time.perf_counter()
