@@ -19,21 +19,23 @@ from ssl_kit.optim import adamw_param_groups
 
 
 def pretrained_or_random(
-    init_from: str | None, encoder: str, patch_size: int, encoder_kwargs: dict[str, Any] | None
+    init_from: str | None, encoder: str, patch_size: int, encoder_kwargs: dict[str, Any] | None,
+    flag: str = "--model.init_from",
 ) -> EncoderSource:
     """Where the encoder weights come from: an ssl_kit checkpoint (``.ckpt``) or export folder given as
-    ``--model.init_from``, else a random init of ``encoder`` (clear error for a missing path)."""
+    ``flag``, else a random init of ``encoder`` (clear error naming ``flag`` for a missing path)."""
     if not init_from:
         return EncoderSource(random_init=encoder, patch_size=patch_size, encoder_kwargs=encoder_kwargs)
     path = Path(init_from).expanduser()
     if not path.exists():
-        raise UserError(f"--model.init_from {path} does not exist: pass a checkpoint (.ckpt) or an encoder export folder.")
+        raise UserError(f"{flag} {path} does not exist: pass a checkpoint (.ckpt) or an encoder export folder.")
     return EncoderSource(ckpt=str(path)) if path.is_file() else EncoderSource(encoder=str(path))
 
 
 def build_classifier(
     encoder: str, img_size: int, patch_size: int, in_chans: int, encoder_kwargs: dict[str, Any] | None,
     num_classes: int, init_from: str | None, drop_path_rate: float, global_pool: str = "token",
+    init_flag: str = "--model.init_from",
 ) -> tuple[VisionTransformer, EncoderSpec]:
     """A timm ViT with a ``num_classes`` linear head on the [CLS] token or the mean patch token.
 
@@ -43,6 +45,7 @@ def build_classifier(
         num_classes: K.
         init_from: an ssl_kit checkpoint (``.ckpt``) or encoder export folder of any method (MAE, LoMaR,
             iBOT, UDA, MPL); its architecture is used and ``encoder`` / ``patch_size`` are ignored.
+        init_flag: the option that gave ``init_from`` (named in the error for a missing path).
         drop_path_rate: stochastic depth.
         global_pool: ``token`` (head on the [CLS] token) or ``avg`` (head on the LayerNorm-ed mean of the
             patch tokens, as MAE fine-tunes: MAE never trains the [CLS] token).
@@ -54,7 +57,7 @@ def build_classifier(
     """
     if global_pool not in ("token", "avg"):
         raise UserError(f"--model.global_pool must be token or avg, got {global_pool!r}.")
-    source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs)
+    source = pretrained_or_random(init_from, encoder, patch_size, encoder_kwargs, init_flag)
     model, spec = load_encoder(source, img_size, in_chans, num_classes=num_classes, drop_path_rate=drop_path_rate,
                                global_pool=global_pool)
     saved, _ = encoder_record(source)

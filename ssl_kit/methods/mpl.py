@@ -193,10 +193,8 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
         build = dict(encoder=encoder, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                      encoder_kwargs=encoder_kwargs, num_classes=num_classes, init_from=init_from,
                      drop_path_rate=drop_path_rate, global_pool=global_pool)
-        if teacher_init_from and not Path(teacher_init_from).expanduser().exists():
-            raise UserError(f"--model.teacher_init_from {teacher_init_from} does not exist: pass a checkpoint (.ckpt) "
-                            "or an export folder (e.g. a UDA run's encoder/).")
-        self.teacher, _ = build_classifier(**dict(build, init_from=teacher_init_from or init_from))
+        teacher_source = dict(init_from=teacher_init_from, init_flag="--model.teacher_init_from") if teacher_init_from else {}
+        self.teacher, _ = build_classifier(**dict(build, **teacher_source))
         self.student, self.encoder_spec = build_classifier(**build)
         if init_from is None and teacher_init_from is None:
             self.student.load_state_dict(self.teacher.state_dict())  # the same start, as MPL
