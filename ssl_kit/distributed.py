@@ -136,6 +136,14 @@ def merge_rows(parts: Sequence[Any]) -> Any:
     return first
 
 
+def _devices(value: Any) -> set[torch.device]:
+    """Devices of the tensors in ``value`` and in the dicts, lists and tuples inside it."""
+    if isinstance(value, Tensor):
+        return {value.device}
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return set().union(*(_devices(v) for v in items)) if items else set()
+
+
 @dataclasses.dataclass
 class DrawPlan:
     """The random streams of one training step on one process.
@@ -179,7 +187,7 @@ class DrawPlan:
         """``fn(*pieces[g])`` for each group g with the global RNG (CPU and the inputs' GPUs) seeded for that
         group and restored afterwards."""
         outputs = []
-        cuda = [d for d in {x.device for x in inputs if isinstance(x, Tensor)} if d.type == "cuda"]
+        cuda = [d for d in _devices(inputs) if d.type == "cuda"]
         for group, args in enumerate(pieces):
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(self.group_seed(group, site))

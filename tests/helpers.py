@@ -92,6 +92,16 @@ METHOD_CASES = {
     # MPL: both optimisers, feedback on the global labeled batch
     "mpl": (["--recipe", "mpl", *TINY_VIT, *_SEMI, "--model.teacher_lr", "0.5", "--model.student_lr", "0.5",
              "--model.student_wait_epochs", "0"], 4, "ddp_find_unused_parameters_true"),
+    # U2PL: CutMix, entropy percentile, anchor sampling and losses per draw group, memory bank fed in group order;
+    # a head norm that needs no statistics across images (BatchNorm's are per device); warm-up off and every
+    # pixel an anchor candidate, so the unsupervised and contrastive terms train from step 0 (a representation
+    # head whose first gradient comes at step 3 meets AdamW with v ~ 0: float noise of ~1e-11 became 8e-5)
+    "u2pl": (["--recipe", "u2pl", *TINY_VIT, "--model.head_dim", "16", "--model.rep_dim", "32",
+              "--model.num_anchors", "16", "--model.num_negatives", "8", "--model.memory_size", "64",
+              "--data.img_size", "32", "--data.train_scenes", "64", "--data.val_scenes", "16",
+              "--data.labeled_images", "16", "--data.object_size", "[8, 20]", "--model.sup_only_epochs", "0",
+              "--model.head_norm", "layer", "--model.head_dropout", "0.0", "--model.drop_path_rate", "0.0",
+              "--model.anchor_threshold", "0.0", "--model.base_lr", "0.5"], 4, "ddp"),
     # Soft Teacher: the whole step runs per draw group (torchvision samples proposals with the global RNG and
     # normalises the RoI losses by the device batch's proposals); 1 labeled + 2 unlabeled scenes per device
     "soft_teacher": (["--recipe", "soft_teacher", "--model.encoder_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}",

@@ -12,8 +12,8 @@ from ssl_kit.data.augment import apply_cutmix, cutmix_masks
 from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNet
 from ssl_kit.encoders import build_encoder, resolve_encoder_spec
 from ssl_kit.losses.u2pl import (
-    IGNORE, ClassMemoryBank, contrastive_logits, high_entropy_mask, low_entropy_mask, negative_candidates,
-    pixel_entropy, u2pl_contrastive, unreliable_percent, unsupervised_ce,
+    IGNORE, ClassMemoryBank, contrastive_logits, foreground_share, high_entropy_mask, low_entropy_mask,
+    negative_candidates, pixel_entropy, u2pl_contrastive, unreliable_percent, unsupervised_ce,
 )
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 
@@ -183,6 +183,37 @@ def test_segmentation_net_shapes():
     out = net(torch.randn(2, 1, 32, 32))
     assert out.logits.shape == (2, 5, 32, 32)
     assert out.logits_low.shape == (2, 5, 16, 16) and out.rep.shape == (2, 24, 16, 16)
+
+
+def test_the_batch_wide_percentile_drops_mostly_foreground_pixels_on_a_fixed_batch():
+    """Issue #24: 2 scenes of 4 x 4 pixels, 8 of 32 pixels foreground (25 %), each foreground pixel more
+    uncertain than the background (as early in training), two background pixels in between. At alpha 31.25 %
+    (10 pixels) the percentile drops all 8 foreground pixels and 2 background ones: a share of 0.8 foreground,
+    although the batch is 25 % foreground."""
+    pseudo = torch.zeros(2, 4, 4, dtype=torch.long)
+    pseudo[0, :2, :2] = 3
+    pseudo[1, 2:, 2:] = 7
+    entropy = torch.full((2, 4, 4), 0.1)
+    entropy[pseudo > 0] = 1.0
+    entropy[0, 3, 3] = entropy[1, 0, 0] = 0.5
+    unreliable = high_entropy_mask(entropy, torch.ones_like(pseudo, dtype=torch.bool), 31.25)
+    assert int(unreliable.sum()) == 10 and bool(unreliable[pseudo > 0].all())
+    assert foreground_share(unreliable, pseudo) == pytest.approx(0.8)
+    assert foreground_share(torch.ones_like(unreliable), pseudo) == pytest.approx(0.25)
+    assert foreground_share(torch.zeros_like(unreliable), pseudo) == 0.0
+
+
+def test_layer_norm_head_computes_each_image_alone_batch_norm_does_not():
+    """``head_norm layer``: no statistic crosses images in training mode, so an image's output does not depend
+    on the rest of the batch (what makes U2PL weight-equivalent on 1 and 2 processes); BatchNorm's does."""
+    torch.manual_seed(0)
+    features = torch.randn(4, 32, 8, 8)
+    for norm, alone in (("layer", True), ("batch", False)):
+        head = ProgressiveUpsamplingHead(32, num_classes=5, hidden_dim=16, rep_dim=24, dropout=0.0, norm=norm).train()
+        logits_batch, rep_batch = head(features)
+        logits_half, rep_half = head(features[:2])
+        same = torch.allclose(logits_batch[:2], logits_half, atol=1e-5) and torch.allclose(rep_batch[:2], rep_half, atol=1e-5)
+        assert same == alone, norm
 
 
 def _gather_worker(rank: int, world: int, port: int, out) -> None:

@@ -2,14 +2,19 @@
 
 The ViT has no hierarchy, so the head rebuilds resolution from its last feature map (as ViTDet's simple
 feature pyramid does): ``num_upsample`` stages of 2x transposed convolution + 3x3 convolution. Two outputs
-at that resolution: class logits, and U2PL's 256-d representation (conv-BN-ReLU-conv); the logits are
+at that resolution: class logits, and U2PL's 256-d representation (conv-norm-ReLU-conv); the logits are
 upsampled bilinearly to the image size for the pixel losses and evaluation.
+
+Norm layers: ``batch`` (BatchNorm, as the reference's DeepLab head; its statistics depend on the device batch)
+or ``layer`` (LayerNorm over the channels of each pixel, as ViTDet's pyramid: no statistic crosses images, so
+the head computes the same on any number of processes without synchronisation).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -28,8 +33,20 @@ def vit_feature_map(encoder: VisionTransformer, images: Tensor) -> Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
 
-def _conv_bn_act(cin: int, cout: int, kernel: int = 3) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+HeadNorm = Literal["batch", "layer"]
+
+
+def norm_2d(kind: HeadNorm, channels: int) -> nn.Module:
+    """``batch``: BatchNorm2d; ``layer``: LayerNorm over the channels of each pixel (timm's LayerNorm2d)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return LayerNorm2d(channels)
+    raise ValueError(f"norm must be 'batch' or 'layer', got {kind!r}")
+
+
+def _conv_norm_act(cin: int, cout: int, norm: HeadNorm, kernel: int = 3) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), norm_2d(norm, cout), nn.GELU()]
 
 
 class ProgressiveUpsamplingHead(nn.Module):
@@ -42,22 +59,24 @@ class ProgressiveUpsamplingHead(nn.Module):
         rep_dim: representation channels (256 in U2PL).
         num_upsample: 2x stages (1: 32x32 from 16x16 tokens, i.e. stride 2 for patch 4).
         dropout: dropout before the classifier.
+        norm: ``batch`` or ``layer`` (module docstring).
     """
 
     def __init__(self, embed_dim: int, num_classes: int, hidden_dim: int = 128, rep_dim: int = 256,
-                 num_upsample: int = 1, dropout: float = 0.1) -> None:
+                 num_upsample: int = 1, dropout: float = 0.1, norm: HeadNorm = "batch") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = embed_dim
         for _ in range(num_upsample):
-            layers += [nn.ConvTranspose2d(cin, hidden_dim, 2, stride=2), nn.BatchNorm2d(hidden_dim), nn.GELU()]
-            layers += _conv_bn_act(hidden_dim, hidden_dim)
+            layers += [nn.ConvTranspose2d(cin, hidden_dim, 2, stride=2), norm_2d(norm, hidden_dim), nn.GELU()]
+            layers += _conv_norm_act(hidden_dim, hidden_dim, norm)
             cin = hidden_dim
         if num_upsample == 0:
-            layers += _conv_bn_act(cin, hidden_dim)
+            layers += _conv_norm_act(cin, hidden_dim, norm)
         self.decoder = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(hidden_dim, num_classes, 1))
-        self.representation = nn.Sequential(*_conv_bn_act(hidden_dim, rep_dim)[:2], nn.ReLU(), nn.Conv2d(rep_dim, rep_dim, 1))
+        self.representation = nn.Sequential(*_conv_norm_act(hidden_dim, rep_dim, norm)[:2], nn.ReLU(),
+                                            nn.Conv2d(rep_dim, rep_dim, 1))
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, D, h0, w0]`` -> logits ``[B, K, h, w]``, representation ``[B, R, h, w]``."""

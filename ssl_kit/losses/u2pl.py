@@ -184,18 +184,33 @@ def contrastive_logits(anchors: Tensor, positive: Tensor, negatives: Tensor, tem
     return F.cosine_similarity(anchors.unsqueeze(1), keys, dim=2) / temperature
 
 
-def u2pl_contrastive(
+@torch.no_grad()
+def push_negatives(bank: ClassMemoryBank, rep_teacher: Tensor, negatives: Tensor) -> None:
+    """Enqueue, for each class c, the teacher features of this step's negative candidates for c, gathered
+    from every process (rank order), into the class's memory bank.
+
+    Args:
+        bank: the per-class memory bank (updated in place).
+        rep_teacher: ``[B, D, h, w]`` teacher representations.
+        negatives: ``[B, K, h, w]`` bool from :func:`negative_candidates`.
+    """
+    feats_t = rep_teacher.detach().permute(0, 2, 3, 1)
+    for c in range(negatives.shape[1]):
+        bank.push(c, gather_rows(feats_t[negatives[:, c]]))
+
+
+def contrastive_loss(
     rep: Tensor, rep_teacher: Tensor, probs_teacher: Tensor, labels: Tensor, anchor_region: Tensor,
-    negatives: Tensor, bank: ClassMemoryBank, num_anchors: int = 256, num_negatives: int = 50,
-    temperature: float = 0.5, anchor_threshold: float = 0.3,
+    bank: ClassMemoryBank, num_anchors: int = 256, num_negatives: int = 50, temperature: float = 0.5,
+    anchor_threshold: float = 0.3,
 ) -> tuple[Tensor, dict[str, float]]:
-    """U2PL's contrastive loss at representation resolution ``h x w``.
+    """U2PL's contrastive loss of one device batch at representation resolution ``h x w``, against the
+    memory bank as it is (see :func:`push_negatives`).
 
     For each class c with pixels in ``anchor_region`` (labeled pixels + reliable unlabeled pixels):
-    anchors = ``num_anchors`` student features sampled (with replacement) among those pixels of class c
-    whose teacher probability for c exceeds ``anchor_threshold``; positive = mean teacher feature of the
-    class's pixels; negatives = ``num_negatives`` keys per anchor sampled from the class's memory bank,
-    into which this step's negative candidates (gathered from all processes) are pushed first.
+    anchors = ``num_anchors`` student features sampled (with replacement, global RNG) among those pixels of
+    class c whose teacher probability for c exceeds ``anchor_threshold``; positive = mean teacher feature of
+    the class's pixels; negatives = ``num_negatives`` keys per anchor sampled from the class's memory bank.
 
     Args:
         rep: ``[B, D, h, w]`` student representations (gradient flows here only).
@@ -203,8 +218,7 @@ def u2pl_contrastive(
         probs_teacher: ``[B, K, h, w]``.
         labels: ``[B, h, w]`` labels / pseudo labels (``IGNORE`` = none).
         anchor_region: ``[B, h, w]`` bool.
-        negatives: ``[B, K, h, w]`` bool from :func:`negative_candidates`.
-        bank: the per-class memory bank (updated in place).
+        bank: the per-class memory bank (read only).
 
     Returns:
         (loss averaged over the classes present, zero when at most one class is present;
@@ -213,11 +227,7 @@ def u2pl_contrastive(
     num_classes = probs_teacher.shape[1]
     feats = rep.permute(0, 2, 3, 1)
     feats_t = rep_teacher.detach().permute(0, 2, 3, 1)
-    present: list[int] = []
-    for c in range(num_classes):
-        bank.push(c, gather_rows(feats_t[negatives[:, c]]))
-        if bool(((labels == c) & anchor_region).any()):
-            present.append(c)
+    present = [c for c in range(num_classes) if bool(((labels == c) & anchor_region).any())]
     info = {"contrastive_classes": float(len(present)), "memory_bank_fill": float(bank.count.float().mean() / bank.size)}
     if len(present) <= 1:
         return rep.sum() * 0.0, info
@@ -237,3 +247,25 @@ def u2pl_contrastive(
         target = torch.zeros(num_anchors, dtype=torch.long, device=logits.device)
         loss = loss + F.cross_entropy(logits, target)
     return loss / len(present), info
+
+
+def u2pl_contrastive(
+    rep: Tensor, rep_teacher: Tensor, probs_teacher: Tensor, labels: Tensor, anchor_region: Tensor,
+    negatives: Tensor, bank: ClassMemoryBank, num_anchors: int = 256, num_negatives: int = 50,
+    temperature: float = 0.5, anchor_threshold: float = 0.3,
+) -> tuple[Tensor, dict[str, float]]:
+    """U2PL's contrastive step on one device batch: :func:`push_negatives` of this batch's negative candidates
+    (``[B, K, h, w]`` bool from :func:`negative_candidates`), then :func:`contrastive_loss` (same arguments)."""
+    push_negatives(bank, rep_teacher, negatives)
+    return contrastive_loss(rep, rep_teacher, probs_teacher, labels, anchor_region, bank, num_anchors, num_negatives,
+                            temperature, anchor_threshold)
+
+
+def foreground_share(mask: Tensor, labels: Tensor) -> float:
+    """Share of the ``mask``ed pixels whose (pseudo) label is foreground (class > 0, not ``IGNORE``); 0 when the
+    mask is empty. With ``mask`` = the unreliable pixels: how much of what the entropy percentile drops is
+    object rather than background."""
+    selected = labels[mask]
+    if selected.numel() == 0:
+        return 0.0
+    return float(((selected > 0) & (selected != IGNORE)).float().mean())

@@ -15,10 +15,10 @@ from ssl_kit.data.augment import apply_cutmix, cutmix_masks
 from ssl_kit.errors import UserError
 from ssl_kit.callbacks import ValidationPictures
 from ssl_kit.encoders import load_encoder
-from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNet
+from ssl_kit.heads.segmentation import HeadNorm, ProgressiveUpsamplingHead, SegmentationNet
 from ssl_kit.losses.u2pl import (
-    IGNORE, ClassMemoryBank, high_entropy_mask, low_entropy_mask, negative_candidates, pixel_entropy,
-    u2pl_contrastive, unreliable_percent, unsupervised_ce,
+    IGNORE, ClassMemoryBank, contrastive_loss, foreground_share, high_entropy_mask, low_entropy_mask,
+    negative_candidates, pixel_entropy, push_negatives, unreliable_percent, unsupervised_ce,
 )
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import pretrained_or_random
@@ -67,6 +67,13 @@ class U2PL(StudentTeacherMethod):
         * CutMix is drawn per image with ``cutmix_prob`` (the reference code draws once per batch);
         * the teacher runs in eval mode for both its forwards.
 
+    Same training on any number of processes: what the reference computes per device (CutMix partners, the
+    entropy percentile, anchor / negative sampling, the loss normalisers) is computed per draw group
+    (``--data.draw_group_size``; unset = one group per device, the reference's behaviour), and the losses are
+    averaged over groups as DDP averages devices; the memory bank receives every group's negatives, in group
+    order, before any group's contrastive loss. The head's norm must not cross images for this:
+    ``head_norm layer`` (BatchNorm statistics are per device batch; SyncBatchNorm needs a GPU).
+
     Args:
         encoder, encoder_kwargs, img_size, in_chans: the ViT (random init).
         patch_size: patch of the ViT (random init: 4 when None); with ``init_from`` a pretrained encoder's patch
@@ -75,6 +82,9 @@ class U2PL(StudentTeacherMethod):
         init_from: start from a pretrained checkpoint / encoder export (any method).
         drop_path_rate: stochastic depth.
         head_dim, rep_dim, num_upsample: segmentation head.
+        head_norm: ``batch`` (BatchNorm, as the reference) or ``layer`` (per-pixel LayerNorm: no statistic
+            crosses images, so 1 and N processes train alike).
+        head_dropout: dropout before the head's classifier (drawn per process, like stochastic depth).
         sup_only_epochs: supervised warm-up epochs (teacher copies the student meanwhile).
         unsup_weight, contrastive_weight: loss weights (1.0, 0.1).
         alpha0: unreliable percentage at epoch 0 (20).
@@ -103,6 +113,8 @@ class U2PL(StudentTeacherMethod):
         head_dim: int = 128,
         rep_dim: int = 256,
         num_upsample: int = 1,
+        head_norm: HeadNorm = "batch",
+        head_dropout: float = 0.1,
         sup_only_epochs: int = 1,
         unsup_weight: float = 1.0,
         contrastive_weight: float = 0.1,
@@ -127,6 +139,8 @@ class U2PL(StudentTeacherMethod):
         super().__init__()
         if unsup_normalisation not in ("paper", "authors"):
             raise UserError(f"--model.unsup_normalisation must be paper or authors, got {unsup_normalisation!r}.")
+        if head_norm not in ("batch", "layer"):
+            raise UserError(f"--model.head_norm must be batch or layer, got {head_norm!r}.")
         self.save_hyperparameters()
         check_settings(self.hparams)
         require(1 <= low_rank < min(high_rank, num_classes),
@@ -137,7 +151,8 @@ class U2PL(StudentTeacherMethod):
         resample = {"patch_size": patch_size} if init_from and patch_size else {}
         vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate,
                                               **resample)
-        head = ProgressiveUpsamplingHead(vit.embed_dim, num_classes, head_dim, rep_dim, num_upsample)
+        head = ProgressiveUpsamplingHead(vit.embed_dim, num_classes, head_dim, rep_dim, num_upsample, head_dropout,
+                                         head_norm)
         self.student = SegmentationNet(vit, head)
         self.ema_teacher = make_ema_copy(self.student)
         self.memory_bank = ClassMemoryBank(num_classes, memory_size, rep_dim)
@@ -175,52 +190,89 @@ class U2PL(StudentTeacherMethod):
         n_l = len(images)
         if not self.semi_supervised or "unlabeled" not in batch:
             out = self.student(images)
-            loss = F.cross_entropy(out.logits, labels, ignore_index=IGNORE)
-            self.log("loss_sup", loss.detach(), on_step=True, on_epoch=False, batch_size=n_l)
+            loss, logs = self.mean_over_draw_groups("u2pl_supervised", self._supervised_loss, out.logits, labels)
+            self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n_l)
             # the representation head joins the graph with zero weight, so plain DDP sees every parameter used
             return self.report_loss(loss + 0.0 * out.rep.sum(), n_l)
 
         self.ema_teacher.eval()
         with torch.no_grad():
             pseudo = self.ema_teacher(batch["unlabeled"]).logits.argmax(dim=1)
-        mix = cutmix_masks(len(pseudo), *pseudo.shape[-2:], hp.cutmix_prob, pseudo.device)
-        strong, pseudo = apply_cutmix(mix, batch["unlabeled"], pseudo)
+        strong, pseudo = self.random_draw("cutmix", self._cutmix, batch["unlabeled"], pseudo)
 
-        inputs = torch.cat([images, strong])
-        out = self.student(inputs)
-        sup = F.cross_entropy(out.logits[:n_l], labels, ignore_index=IGNORE)
+        out = self.student(torch.cat([images, strong]))
         with torch.no_grad():
-            out_t = self.ema_teacher(inputs)
-            entropy = pixel_entropy(out_t.logits[n_l:].softmax(dim=1))
+            out_t = self.ema_teacher(torch.cat([images, strong]))
         alpha = self.current_alpha()
-        valid = pseudo != IGNORE
-        unreliable = high_entropy_mask(entropy, valid, alpha)
-        unsup = unsupervised_ce(out.logits[n_l:], pseudo, ~unreliable, hp.unsup_normalisation)
-        loss = sup + hp.unsup_weight * unsup
-        logs = {"loss_sup": sup.detach(), "loss_unsup": unsup.detach(), "unreliable_percent": alpha,
-                "pseudo_foreground_fraction": (pseudo[valid] > 0).float().mean()}
+        # labeled / unlabeled halves as dicts, so that draw groups cut each half into its own rows
+        lab: dict[str, Tensor] = {"logits": out.logits[:n_l], "labels": labels}
+        unl: dict[str, Tensor] = {"logits": out.logits[n_l:], "pseudo": pseudo}
+        entropy = pixel_entropy(out_t.logits[n_l:].softmax(dim=1))
+        unl["unreliable"], unl["reliable_anchor"] = self.random_draw(
+            "entropy_rank", lambda e, v: (high_entropy_mask(e, v, alpha), low_entropy_mask(e, v, alpha)),
+            entropy, pseudo != IGNORE)
         if hp.contrastive_weight > 0:
-            contra, info = self._contrastive(out.rep, out_t, labels, pseudo, valid, unreliable, entropy, alpha, n_l)
-            loss = loss + hp.contrastive_weight * contra
-            logs.update(loss_contrastive=contra.detach(), **info)
-        else:
+            for part, rows in ((lab, slice(0, n_l)), (unl, slice(n_l, None))):
+                part.update(rep=out.rep[rows], rep_t=out_t.rep[rows], probs_low=out_t.logits_low[rows].softmax(dim=1))
+            push_negatives(self.memory_bank, *self.random_draw("negatives", self._negatives, lab, unl))
+        loss, logs = self.mean_over_draw_groups("u2pl", self._semi_loss, lab, unl)
+        if hp.contrastive_weight == 0:
             loss = loss + 0.0 * out.rep.sum()
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n_l)
+        self.log_dict({**logs, "unreliable_percent": alpha}, on_step=True, on_epoch=False, batch_size=n_l)
         return self.report_loss(loss, n_l)
 
-    def _contrastive(self, rep: Tensor, out_t: Any, labels: Tensor, pseudo: Tensor, valid: Tensor, unreliable: Tensor,
-                     entropy: Tensor, alpha: float, n_l: int) -> tuple[Tensor, dict[str, float]]:
-        """Masks at representation resolution, then :func:`u2pl_contrastive`."""
+    # Each of the following sees one draw group (one device batch in the reference).
+    @staticmethod
+    def _supervised_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+        return loss, {"loss_sup": loss.detach()}
+
+    def _cutmix(self, unlabeled: Tensor, pseudo: Tensor) -> tuple[Tensor, Tensor]:
+        """CutMix boxes from the group's stream; each image's partner is the next image of its group."""
+        mix = cutmix_masks(len(pseudo), *pseudo.shape[-2:], self.hparams.cutmix_prob, pseudo.device)
+        strong, mixed = apply_cutmix(mix, unlabeled, pseudo)
+        return strong, mixed
+
+    def _small_maps(self, lab: dict[str, Tensor], unl: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Labels / pseudo labels, anchor region and unreliable mask of ``[labeled; unlabeled]`` at the
+        representation resolution, ``[B, h, w]`` each."""
+        size = tuple(lab["rep"].shape[-2:])
+        labels_small = downsample_nearest(torch.cat([lab["labels"], unl["pseudo"]]), size)
+        anchor_region = downsample_nearest(torch.cat([lab["labels"] != IGNORE, unl["reliable_anchor"]]), size)
+        unreliable = downsample_nearest(torch.cat([torch.zeros_like(lab["labels"], dtype=torch.bool), unl["unreliable"]]),
+                                        size)
+        return labels_small, anchor_region, unreliable
+
+    def _negatives(self, lab: dict[str, Tensor], unl: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Teacher features ``[B, D, h, w]`` and negative candidates ``[B, K, h, w]`` of ``[labeled; unlabeled]``."""
+        labels_small, _, unreliable = self._small_maps(lab, unl)
+        probs = torch.cat([lab["probs_low"], unl["probs_low"]])
+        negatives = negative_candidates(probs, labels_small, unreliable, len(lab["labels"]), self.hparams.low_rank,
+                                        self.hparams.high_rank)
+        return torch.cat([lab["rep_t"], unl["rep_t"]]), negatives
+
+    def _semi_loss(self, lab: dict[str, Tensor], unl: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        """Supervised CE + unsupervised CE on reliable pixels (+ contrastive) of one group, and its logs."""
         hp = self.hparams
-        size = tuple(rep.shape[-2:])
-        reliable_anchor = low_entropy_mask(entropy, valid, alpha)
-        anchor_region = downsample_nearest(torch.cat([labels != IGNORE, reliable_anchor]), size)
-        unreliable_all = downsample_nearest(torch.cat([torch.zeros_like(labels, dtype=torch.bool), unreliable]), size)
-        labels_small = downsample_nearest(torch.cat([labels, pseudo]), size)
-        probs_small = out_t.logits_low.softmax(dim=1)
-        negatives = negative_candidates(probs_small, labels_small, unreliable_all, n_l, hp.low_rank, hp.high_rank)
-        return u2pl_contrastive(rep, out_t.rep, probs_small, labels_small, anchor_region, negatives, self.memory_bank,
-                                hp.num_anchors, hp.num_negatives, hp.temperature, hp.anchor_threshold)
+        sup = F.cross_entropy(lab["logits"], lab["labels"], ignore_index=IGNORE)
+        unsup = unsupervised_ce(unl["logits"], unl["pseudo"], ~unl["unreliable"], hp.unsup_normalisation)
+        loss = sup + hp.unsup_weight * unsup
+        valid = unl["pseudo"] != IGNORE
+        logs: dict[str, Any] = {
+            "loss_sup": sup.detach(), "loss_unsup": unsup.detach(),
+            "pseudo_foreground_fraction": (unl["pseudo"][valid] > 0).float().mean(),
+            # what the batch-wide entropy percentile drops: the share of the unreliable pixels that are objects
+            "unreliable_foreground_share": foreground_share(unl["unreliable"], unl["pseudo"]),
+        }
+        if hp.contrastive_weight > 0:
+            labels_small, anchor_region, _ = self._small_maps(lab, unl)
+            contra, info = contrastive_loss(
+                torch.cat([lab["rep"], unl["rep"]]), torch.cat([lab["rep_t"], unl["rep_t"]]),
+                torch.cat([lab["probs_low"], unl["probs_low"]]), labels_small, anchor_region, self.memory_bank,
+                hp.num_anchors, hp.num_negatives, hp.temperature, hp.anchor_threshold)
+            loss = loss + hp.contrastive_weight * contra
+            logs.update(loss_contrastive=contra.detach(), **info)
+        return loss, logs
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
