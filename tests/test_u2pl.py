@@ -12,7 +12,7 @@ from ssl_kit.data.augment import apply_cutmix, cutmix_masks
 from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNet
 from ssl_kit.encoders import build_encoder, resolve_encoder_spec
 from ssl_kit.losses.u2pl import (
-    IGNORE, ClassMemoryBank, contrastive_logits, foreground_share, high_entropy_mask, low_entropy_mask,
+    IGNORE, ClassMemoryBank, contrastive_logits, entropy_masks, foreground_share, high_entropy_mask, low_entropy_mask,
     negative_candidates, pixel_entropy, u2pl_contrastive, unreliable_percent, unsupervised_ce,
 )
 from ssl_kit.teacher import EMATeacher, make_ema_copy
@@ -201,6 +201,14 @@ def test_the_batch_wide_percentile_drops_mostly_foreground_pixels_on_a_fixed_bat
     assert foreground_share(unreliable, pseudo) == pytest.approx(0.8)
     assert foreground_share(torch.ones_like(unreliable), pseudo) == pytest.approx(0.25)
     assert foreground_share(torch.zeros_like(unreliable), pseudo) == 0.0
+    # ranking within each pseudo class instead: round(0.3125 x 24) = 8 background, round(0.3125 x 4) = 1 of each
+    # item dropped, the most uncertain of each; anchors likewise from each class's least uncertain pixels
+    per_class, anchors = entropy_masks(entropy, torch.ones_like(pseudo, dtype=torch.bool), 31.25, pseudo)
+    assert int(per_class.sum()) == 10 and foreground_share(per_class, pseudo) == pytest.approx(0.2)
+    assert bool(per_class[0, 3, 3]) and bool(per_class[1, 0, 0])
+    assert int(anchors.sum()) == 10 and int((anchors & (pseudo == 3)).sum()) == 1
+    batch_wide, _ = entropy_masks(entropy, torch.ones_like(pseudo, dtype=torch.bool), 31.25)
+    assert torch.equal(batch_wide, unreliable)
 
 
 def test_layer_norm_head_computes_each_image_alone_batch_norm_does_not():

@@ -59,6 +59,24 @@ def low_entropy_mask(entropy: Tensor, valid: Tensor, percent: float) -> Tensor:
     return _rank_mask(entropy, valid, percent, highest=False)
 
 
+def entropy_masks(entropy: Tensor, valid: Tensor, percent: float, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(unreliable, anchor candidates): the ``percent`` % valid pixels of highest and of lowest entropy.
+
+    ``labels`` None ranks the whole batch at once (the paper: with ~25 % foreground pixels early in training,
+    most of the pixels dropped are foreground). With ``labels`` (``[B, H, W]`` pseudo labels) the ranking is
+    done within each class, so every class loses ``percent`` % of its own pixels (``--model.unreliable_ranking
+    class``, not the paper's).
+    """
+    if labels is None:
+        return high_entropy_mask(entropy, valid, percent), low_entropy_mask(entropy, valid, percent)
+    high, low = torch.zeros_like(valid), torch.zeros_like(valid)
+    for c in labels[valid].unique().tolist():
+        in_class = valid & (labels == c)
+        high |= high_entropy_mask(entropy, in_class, percent)
+        low |= low_entropy_mask(entropy, in_class, percent)
+    return high, low
+
+
 def unsupervised_ce(
     logits: Tensor, pseudo_labels: Tensor, reliable: Tensor, normalisation: Literal["paper", "authors"] = "paper"
 ) -> Tensor:

@@ -17,8 +17,8 @@ from ssl_kit.callbacks import ValidationPictures
 from ssl_kit.encoders import load_encoder
 from ssl_kit.heads.segmentation import HeadNorm, ProgressiveUpsamplingHead, SegmentationNet
 from ssl_kit.losses.u2pl import (
-    IGNORE, ClassMemoryBank, contrastive_loss, foreground_share, high_entropy_mask, low_entropy_mask,
-    negative_candidates, pixel_entropy, push_negatives, unreliable_percent, unsupervised_ce,
+    IGNORE, ClassMemoryBank, contrastive_loss, entropy_masks, foreground_share, negative_candidates,
+    pixel_entropy, push_negatives, unreliable_percent, unsupervised_ce,
 )
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import pretrained_or_random
@@ -88,6 +88,9 @@ class U2PL(StudentTeacherMethod):
         sup_only_epochs: supervised warm-up epochs (teacher copies the student meanwhile).
         unsup_weight, contrastive_weight: loss weights (1.0, 0.1).
         alpha0: unreliable percentage at epoch 0 (20).
+        unreliable_ranking: ``batch`` ranks the entropy of all valid unlabeled pixels of the device batch (the
+            paper); ``class`` ranks within each pseudo class, so background cannot push the objects out
+            (not the paper's; ``unreliable_foreground_share`` logs what ``batch`` drops).
         unsup_normalisation: ``paper`` or ``authors``.
         cutmix_prob: CutMix probability per unlabeled image (0.5).
         num_anchors, num_negatives, temperature, anchor_threshold, low_rank, high_rank: contrastive loss
@@ -119,6 +122,7 @@ class U2PL(StudentTeacherMethod):
         unsup_weight: float = 1.0,
         contrastive_weight: float = 0.1,
         alpha0: float = 20.0,
+        unreliable_ranking: Literal["batch", "class"] = "batch",
         unsup_normalisation: Literal["paper", "authors"] = "paper",
         cutmix_prob: float = 0.5,
         num_anchors: int = 256,
@@ -139,6 +143,8 @@ class U2PL(StudentTeacherMethod):
         super().__init__()
         if unsup_normalisation not in ("paper", "authors"):
             raise UserError(f"--model.unsup_normalisation must be paper or authors, got {unsup_normalisation!r}.")
+        if unreliable_ranking not in ("batch", "class"):
+            raise UserError(f"--model.unreliable_ranking must be batch or class, got {unreliable_ranking!r}.")
         if head_norm not in ("batch", "layer"):
             raise UserError(f"--model.head_norm must be batch or layer, got {head_norm!r}.")
         self.save_hyperparameters()
@@ -208,9 +214,10 @@ class U2PL(StudentTeacherMethod):
         lab: dict[str, Tensor] = {"logits": out.logits[:n_l], "labels": labels}
         unl: dict[str, Tensor] = {"logits": out.logits[n_l:], "pseudo": pseudo}
         entropy = pixel_entropy(out_t.logits[n_l:].softmax(dim=1))
+        per_class = hp.unreliable_ranking == "class"
         unl["unreliable"], unl["reliable_anchor"] = self.random_draw(
-            "entropy_rank", lambda e, v: (high_entropy_mask(e, v, alpha), low_entropy_mask(e, v, alpha)),
-            entropy, pseudo != IGNORE)
+            "entropy_rank", lambda e, v, p: entropy_masks(e, v, alpha, p if per_class else None),
+            entropy, pseudo != IGNORE, pseudo)
         if hp.contrastive_weight > 0:
             for part, rows in ((lab, slice(0, n_l)), (unl, slice(n_l, None))):
                 part.update(rep=out.rep[rows], rep_t=out_t.rep[rows], probs_low=out_t.logits_low[rows].softmax(dim=1))
@@ -289,9 +296,10 @@ class U2PL(StudentTeacherMethod):
         the reliable mask at the current alpha_t. ``[B, C, H, W]`` -> ``[B, H, W]`` maps."""
         with eval_mode(self.ema_teacher):
             probs = self.ema_teacher(images).logits.softmax(dim=1)
-        entropy = pixel_entropy(probs)
-        unreliable = high_entropy_mask(entropy, torch.ones_like(entropy, dtype=torch.bool), self.current_alpha())
-        return {"pseudo": probs.argmax(dim=1), "entropy": entropy, "reliable": ~unreliable}
+        entropy, pseudo = pixel_entropy(probs), probs.argmax(dim=1)
+        per_class = pseudo if self.hparams.unreliable_ranking == "class" else None
+        unreliable, _ = entropy_masks(entropy, torch.ones_like(entropy, dtype=torch.bool), self.current_alpha(), per_class)
+        return {"pseudo": pseudo, "entropy": entropy, "reliable": ~unreliable}
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.adamw_warmup_cosine({"encoder": self.student.encoder, "head": self.student.head},
