@@ -206,9 +206,10 @@ class U2PL(StudentTeacherMethod):
             pseudo = self.ema_teacher(batch["unlabeled"]).logits.argmax(dim=1)
         strong, pseudo = self.random_draw("cutmix", self._cutmix, batch["unlabeled"], pseudo)
 
-        out = self.student(torch.cat([images, strong]))
+        inputs = torch.cat([images, strong])
+        out = self.student(inputs)
         with torch.no_grad():
-            out_t = self.ema_teacher(torch.cat([images, strong]))
+            out_t = self.ema_teacher(inputs)
         alpha = self.current_alpha()
         # labeled / unlabeled halves as dicts, so that draw groups cut each half into its own rows
         lab: dict[str, Tensor] = {"logits": out.logits[:n_l], "labels": labels}
