@@ -13,7 +13,7 @@ from ssl_kit.heads.segmentation import ProgressiveUpsamplingHead, SegmentationNe
 from ssl_kit.encoders import build_encoder, resolve_encoder_spec
 from ssl_kit.losses.u2pl import (
     IGNORE, ClassMemoryBank, contrastive_logits, entropy_masks, foreground_share, high_entropy_mask, low_entropy_mask,
-    negative_candidates, pixel_entropy, u2pl_contrastive, unreliable_percent, unsupervised_ce,
+    negative_candidates, pixel_entropy, contrastive_loss, push_negatives, unreliable_percent, unsupervised_ce,
 )
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 
@@ -123,7 +123,8 @@ def test_contrastive_logits_have_one_positive_and_num_negatives_per_anchor(monke
     monkeypatch.setattr(u2pl_losses, "contrastive_logits", lambda *a: shapes.append(original(*a).shape) or original(*a))
     bank = ClassMemoryBank(4, 100, 8)
     negatives = torch.ones(2, 4, 6, 6, dtype=torch.bool)
-    loss, info = u2pl_contrastive(rep, rep_t, probs, labels, torch.ones(2, 6, 6, dtype=torch.bool), negatives, bank,
+    push_negatives(bank, rep_t, negatives)
+    loss, info = contrastive_loss(rep, rep_t, probs, labels, torch.ones(2, 6, 6, dtype=torch.bool), bank,
                                   num_anchors=256, num_negatives=50)
     assert shapes == [torch.Size([256, 51])] * 3  # one InfoNCE per class present
     assert info["contrastive_classes"] == 3
@@ -137,8 +138,8 @@ def test_contrastive_loss_is_zero_when_only_one_class_is_present():
     rep, rep_t, probs, labels = _contrastive_batch([1])
     bank = ClassMemoryBank(4, 100, 8)
     bank.push(1, torch.randn(10, 8))
-    loss, info = u2pl_contrastive(rep, rep_t, probs, labels, torch.ones(2, 6, 6, dtype=torch.bool),
-                                  torch.ones(2, 4, 6, 6, dtype=torch.bool), bank)
+    push_negatives(bank, rep_t, torch.ones(2, 4, 6, 6, dtype=torch.bool))
+    loss, info = contrastive_loss(rep, rep_t, probs, labels, torch.ones(2, 6, 6, dtype=torch.bool), bank)
     assert loss.item() == 0.0 and loss.requires_grad and info["contrastive_classes"] == 1
 
 

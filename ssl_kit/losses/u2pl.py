@@ -267,18 +267,6 @@ def contrastive_loss(
     return loss / len(present), info
 
 
-def u2pl_contrastive(
-    rep: Tensor, rep_teacher: Tensor, probs_teacher: Tensor, labels: Tensor, anchor_region: Tensor,
-    negatives: Tensor, bank: ClassMemoryBank, num_anchors: int = 256, num_negatives: int = 50,
-    temperature: float = 0.5, anchor_threshold: float = 0.3,
-) -> tuple[Tensor, dict[str, float]]:
-    """U2PL's contrastive step on one device batch: :func:`push_negatives` of this batch's negative candidates
-    (``[B, K, h, w]`` bool from :func:`negative_candidates`), then :func:`contrastive_loss` (same arguments)."""
-    push_negatives(bank, rep_teacher, negatives)
-    return contrastive_loss(rep, rep_teacher, probs_teacher, labels, anchor_region, bank, num_anchors, num_negatives,
-                            temperature, anchor_threshold)
-
-
 def foreground_share(mask: Tensor, labels: Tensor) -> float:
     """Share of the ``mask``ed pixels whose (pseudo) label is foreground (class > 0, not ``IGNORE``); 0 when the
     mask is empty. With ``mask`` = the unreliable pixels: how much of what the entropy percentile drops is
