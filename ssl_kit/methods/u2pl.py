@@ -21,7 +21,8 @@ from ssl_kit.losses.u2pl import (
     pixel_entropy, push_negatives, unreliable_percent, unsupervised_ce,
 )
 from ssl_kit.methods.base import StudentTeacherMethod
-from ssl_kit.methods.classifier import pretrained_or_random
+from ssl_kit.methods.classifier import classifier_param_groups, pretrained_or_random
+from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings, require
@@ -98,6 +99,8 @@ class U2PL(StudentTeacherMethod):
         memory_size: negative keys kept per class.
         ema_decay: teacher momentum cap (0.99).
         base_lr: AdamW lr per 256 LABELED images; head_lr_scale: lr multiplier of the head (10 in U2PL).
+        layer_decay: ViT layer-wise lr decay of the encoder (timm groups, as ViTDet / BEiT fine-tune segmenters);
+            1.0 = one lr for the whole backbone, as U2PL's ResNet.
         min_lr, warmup_epochs, weight_decay, betas: schedule and optimiser.
     """
 
@@ -135,6 +138,7 @@ class U2PL(StudentTeacherMethod):
         ema_decay: float = 0.99,
         base_lr: float = 5e-3,
         head_lr_scale: float = 10.0,
+        layer_decay: float = 1.0,
         min_lr: float = 1e-6,
         warmup_epochs: float = 1.0,
         weight_decay: float = 0.05,
@@ -303,5 +307,12 @@ class U2PL(StudentTeacherMethod):
         return {"pseudo": pseudo, "entropy": entropy, "reliable": ~unreliable}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return self.adamw_warmup_cosine({"encoder": self.student.encoder, "head": self.student.head},
-                                        lr_scales={"head": self.hparams.head_lr_scale})
+        hp = self.hparams
+        if hp.layer_decay >= 1.0:
+            return self.adamw_warmup_cosine({"encoder": self.student.encoder, "head": self.student.head},
+                                            lr_scales={"head": hp.head_lr_scale})
+        groups = classifier_param_groups(self.student.encoder, hp.weight_decay, hp.layer_decay)
+        groups += [dict(g, lr_scale=hp.head_lr_scale) for g in adamw_param_groups({"head": self.student.head},
+                                                                                   hp.weight_decay)]
+        return adamw_warmup_cosine(self, groups, hp.base_lr, self.trainer.datamodule.batch_size, hp.warmup_epochs,
+                                   betas=tuple(hp.betas), min_lr=hp.min_lr)
