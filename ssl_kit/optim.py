@@ -78,6 +78,16 @@ def steps_per_epoch(trainer: pl.Trainer) -> float:
     return max(batches // trainer.accumulate_grad_batches, 1)
 
 
+def short_epoch_note(trainer: pl.Trainer) -> str | None:
+    """A warning when the data hold fewer batches than ``--trainer.limit_train_batches`` asks for per epoch (e.g. a
+    recipe sized for 60k images run on 2000): the run then trains fewer steps than the recipe says."""
+    limit, batches = getattr(trainer, "limit_train_batches", None), trainer.num_training_batches
+    if isinstance(limit, int) and not isinstance(limit, bool) and math.isfinite(batches) and batches < limit:
+        return (f"an epoch of these data holds only {int(batches)} batches, not --trainer.limit_train_batches {limit}: "
+                f"{int(trainer.estimated_stepping_batches)} optimizer steps in all; raise --trainer.max_epochs for more.")
+    return None
+
+
 def _fused_ok(groups: list[dict[str, Any]], trainer: pl.Trainer | None = None) -> bool:
     """The fused AdamW kernel (one pass over all tensors, ~10x faster than the CPU for-loop) applies
     to float parameters on CPU or CUDA; same update rule. Not with mixed precision AND gradient clipping:
@@ -116,6 +126,8 @@ def adamw_warmup_cosine(
             eff_batch, batch_size, trainer.world_size, trainer.accumulate_grad_batches, lr, base_lr,
             total_steps, warmup_steps,
         )
+        if note := short_epoch_note(trainer):
+            log.warning(note)
     groups = [dict(g) for g in param_groups]
     for group in groups:  # a group's "lr_scale" (e.g. a segmentation head at 10x) multiplies the scaled lr
         if "lr_scale" in group:

@@ -72,3 +72,16 @@ def test_mae_optimizer_lr_at_mid_warmup_uses_effective_batch():
         scheduler.step()
     assert all(g["lr"] == pytest.approx(1.5e-4 * 128 / 256 * 0.5) for g in optimizer.param_groups)
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}
+
+
+def test_short_epoch_note_names_the_steps_when_the_data_run_out():
+    """A recipe sized as 5 epochs x 180 batches of 60k images trains 35 steps on 2000 scenes: say so."""
+    from ssl_kit.optim import short_epoch_note
+
+    trainer = SimpleNamespace(limit_train_batches=180, num_training_batches=7, estimated_stepping_batches=35)
+    note = short_epoch_note(trainer)
+    assert "only 7 batches" in note and "limit_train_batches 180" in note and "35 optimizer steps" in note
+    assert short_epoch_note(SimpleNamespace(limit_train_batches=180, num_training_batches=180,
+                                            estimated_stepping_batches=900)) is None
+    assert short_epoch_note(SimpleNamespace(limit_train_batches=1.0, num_training_batches=7,
+                                            estimated_stepping_batches=35)) is None  # a fraction: all batches meant
