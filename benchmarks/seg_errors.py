@@ -1,0 +1,111 @@
+"""Where a segmenter's mIoU goes: item masks or item classes? (issue #24)
+
+For a U2PL / seg_supervised checkpoint, on the built-in val scenes (the same 500 the run scores), with the
+evaluated network (the EMA teacher):
+  * per-class IoU and mIoU (torchmetrics' definition: background included, classes absent from both ignored);
+  * foreground IoU: every item class merged into one "item" class against background, so only the masks count;
+  * item accuracy: an item (a connected class region of the true mask) is right when the majority of the
+    foreground classes predicted on its pixels is its class;
+  * two oracle mIoUs that split the loss: "true classes on the predicted masks" (every pixel predicted as some
+    item that is an item takes its true class: class confusions removed, mask errors kept) and "predicted
+    classes on the true masks" (each true item filled with its majority predicted class, background elsewhere:
+    mask errors removed, class errors kept).
+
+Usage:
+    python benchmarks/seg_errors.py runs/u2pl/TIME/checkpoints/last.ckpt [--labeled 125] [--tag NAME]
+Writes benchmarks/results/seg_errors/seg_errors.json (one entry per checkpoint, merged).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ssl_kit.data import SegmentationDataModule
+from ssl_kit.methods import U2PL
+from ssl_kit.precision import autocast_dtype, resolve_precision
+
+RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """``[k, k]`` pixel counts, rows = true class, columns = predicted class."""
+    return torch.bincount(target.flatten() * k + pred.flatten(), minlength=k * k).view(k, k)
+
+
+def iou_per_class(conf: torch.Tensor) -> torch.Tensor:
+    """``[k]`` IoU; NaN for a class absent from both truth and prediction."""
+    union = conf.sum(0) + conf.sum(1) - conf.diag()
+    return torch.where(union > 0, conf.diag() / union.clamp(min=1), torch.nan)
+
+
+def majority_item_class(pred: torch.Tensor, region: torch.Tensor) -> int:
+    """The most frequent item class (> 0) predicted on ``region``; 0 when none of it is predicted as an item."""
+    votes = pred[region]
+    votes = votes[votes > 0]
+    return int(torch.mode(votes).values) if len(votes) else 0
+
+
+def error_split(pred: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, torch.Tensor | int]:
+    """Confusions of the prediction and of the two oracles for one batch ``[B, H, W]``, and item counts."""
+    true_classes = torch.where((pred > 0) & (target > 0), target, pred)
+    true_masks = torch.zeros_like(pred)
+    right = items = 0
+    for b in range(len(pred)):
+        for c in target[b].unique().tolist():
+            if c == 0:
+                continue
+            region = target[b] == c
+            guess = majority_item_class(pred[b], region)
+            true_masks[b][region] = guess
+            right += int(guess == c)
+            items += 1
+    return {"pred": confusion(pred, target, k), "true_classes": confusion(true_classes, target, k),
+            "true_masks": confusion(true_masks, target, k), "items": items, "items_right": right}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--labeled", type=int, default=125, help="--data.labeled_images of the run (for the record)")
+    parser.add_argument("--tag", default=None, help="name of the entry (default: the run folder)")
+    parser.add_argument("--result", default="seg_errors.json")
+    args = parser.parse_args()
+    model = U2PL.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    k = model.hparams.num_classes
+    dm = SegmentationDataModule(img_size=model.hparams.img_size, labeled_images=args.labeled, unlabeled_ratio=0)
+    dm.setup("fit")
+    dtype = autocast_dtype(resolve_precision("auto"))
+    totals: dict[str, torch.Tensor | int] = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        for images, masks in dm.val_dataloader():
+            pred = model(dm.eval_images(images)).float().argmax(dim=1)
+            for key, value in error_split(pred, masks.long(), k).items():
+                totals[key] = totals.get(key, 0) + value
+    conf = totals["pred"]
+    binary = torch.stack([torch.stack([conf[0, 0], conf[0, 1:].sum()]), torch.stack([conf[1:, 0].sum(), conf[1:, 1:].sum()])])
+    miou = {name: round(float(iou_per_class(totals[name]).nanmean()), 4) for name in ("pred", "true_classes", "true_masks")}
+    entry = {
+        "checkpoint": args.checkpoint,
+        "labeled_images": args.labeled,
+        "val_scenes": len(dm.val_set),
+        "miou": miou["pred"],
+        "iou_per_class": [round(float(v), 4) for v in iou_per_class(conf)],
+        "foreground_iou": round(float(iou_per_class(binary)[1]), 4),
+        "item_accuracy": round(totals["items_right"] / totals["items"], 4),
+        "items": totals["items"],
+        "miou_true_classes_on_predicted_masks": miou["true_classes"],
+        "miou_predicted_classes_on_true_masks": miou["true_masks"],
+    }
+    print(json.dumps(entry, indent=2))
+    out = RESULTS / args.result
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result[args.tag or Path(args.checkpoint).parent.parent.name] = entry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
