@@ -83,6 +83,14 @@ def classifier_param_groups(model: VisionTransformer, weight_decay: float, layer
             for g in groups if g["params"]]
 
 
+def encoder_and_head_groups(encoder: VisionTransformer, heads: dict[str, nn.Module], weight_decay: float,
+                            layer_decay: float, head_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW groups of a ViT encoder with dense heads (segmenter, detector): the encoder's
+    :func:`classifier_param_groups` (layer decay), then each head's groups at ``head_lr_scale`` times the lr."""
+    return classifier_param_groups(encoder, weight_decay, layer_decay) + [
+        dict(g, lr_scale=head_lr_scale) for g in adamw_param_groups(heads, weight_decay)]
+
+
 def pre_logits(model: VisionTransformer, images: Tensor) -> Tensor:
     """``[B, C, H, W]`` -> ``[B, D]`` pooled features before the classifier head."""
     return model.forward_head(model.forward_features(images), pre_logits=True)

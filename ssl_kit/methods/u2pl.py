@@ -21,8 +21,8 @@ from ssl_kit.losses.u2pl import (
     pixel_entropy, push_negatives, unreliable_percent, unsupervised_ce,
 )
 from ssl_kit.methods.base import StudentTeacherMethod
-from ssl_kit.methods.classifier import classifier_param_groups, pretrained_or_random
-from ssl_kit.optim import adamw_param_groups, adamw_warmup_cosine
+from ssl_kit.methods.classifier import encoder_and_head_groups, pretrained_or_random
+from ssl_kit.optim import adamw_warmup_cosine
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings, require
@@ -308,11 +308,7 @@ class U2PL(StudentTeacherMethod):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        if hp.layer_decay >= 1.0:
-            return self.adamw_warmup_cosine({"encoder": self.student.encoder, "head": self.student.head},
-                                            lr_scales={"head": hp.head_lr_scale})
-        groups = classifier_param_groups(self.student.encoder, hp.weight_decay, hp.layer_decay)
-        groups += [dict(g, lr_scale=hp.head_lr_scale) for g in adamw_param_groups({"head": self.student.head},
-                                                                                   hp.weight_decay)]
+        groups = encoder_and_head_groups(self.student.encoder, {"head": self.student.head}, hp.weight_decay,
+                                         hp.layer_decay, hp.head_lr_scale)
         return adamw_warmup_cosine(self, groups, hp.base_lr, self.trainer.datamodule.batch_size, hp.warmup_epochs,
                                    betas=tuple(hp.betas), min_lr=hp.min_lr)
