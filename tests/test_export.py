@@ -20,9 +20,13 @@ def test_export_loads_in_plain_timm_with_same_features(tmp_path):
     model.eval()
     loaded.eval()
     x = torch.randn(3, 1, 32, 32)
+    trained = model.encoder.state_dict()
+    assert all(torch.equal(value, trained[name]) for name, value in loaded.state_dict().items())
+    # ssl_kit runs short sequences with timm's unfused attention, plain timm with fused SDPA: the same maths,
+    # rounded differently (up to ~2e-6 measured on an AMX CPU), so the features agree to float tolerance
     with torch.no_grad():
-        assert torch.allclose(loaded.forward_features(x), model.encoder.forward_features(x), atol=1e-6)
-        assert torch.allclose(loaded(x), model.embed(x), atol=1e-6)
+        assert torch.allclose(loaded.forward_features(x), model.encoder.forward_features(x), atol=1e-5)
+        assert torch.allclose(loaded(x), model.embed(x), atol=1e-5)
     # the fixed sin-cos table travels with the weights
     assert torch.equal(loaded.pos_embed, model.encoder.pos_embed)
     # helper, and loading at another resolution resamples the position embedding
