@@ -2,11 +2,13 @@
 metric columns of a run, small image files, and the callbacks and plugins the end-to-end tests inject through
 --trainer.callbacks / --trainer.plugins (``helpers.StopAfterEpoch`` etc.)."""
 import csv
+import importlib
 import io
 import os
 import signal
 import time
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytorch_lightning as pl
@@ -265,3 +267,20 @@ def run_cpu_ddp(args: list, devices: int = 2, strategy: str = "ddp", timeout: in
         if "EADDRINUSE" not in done.stderr:
             break
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def import_benchmark(monkeypatch, name: str) -> ModuleType:
+    """A ``benchmarks/`` script as a module (the scripts import their neighbours by plain name)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def optimizer_trainer(batch_size: int = 2) -> SimpleNamespace:
+    """The Trainer attributes ``configure_optimizers`` reads (10 steps of 5 per epoch, one process), so a method's
+    optimizer can be built without a run."""
+    return SimpleNamespace(estimated_stepping_batches=10, num_training_batches=5, accumulate_grad_batches=1,
+                           world_size=1, max_epochs=2, is_global_zero=True, gradient_clip_val=None,
+                           precision="32-true", datamodule=SimpleNamespace(batch_size=batch_size))

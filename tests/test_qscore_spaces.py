@@ -1,20 +1,15 @@
 """Issue #21: benchmarks/qscore_spaces.py scores the last block's MLP activations; they must be exactly what the
 block computes after its GELU, at [CLS] and averaged over the patch tokens."""
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import import_benchmark
 
 
 @pytest.fixture
 def qscore_spaces(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import qscore_spaces
-
-    return qscore_spaces
+    return import_benchmark(monkeypatch, "qscore_spaces")
 
 
 def test_mlp_hidden_features_are_the_last_blocks_gelu_outputs(qscore_spaces):

@@ -1,19 +1,14 @@
 """Issue #24: benchmarks/seg_errors.py splits a segmenter's mIoU into mask and class errors; pinned on a
 hand-made 1 x 4 x 4 prediction."""
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import import_benchmark
 
 
 @pytest.fixture
 def seg_errors(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import seg_errors
-
-    return seg_errors
+    return import_benchmark(monkeypatch, "seg_errors")
 
 
 def test_error_split_by_hand(seg_errors):

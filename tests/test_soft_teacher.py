@@ -261,13 +261,11 @@ def test_detections_of_low_score_reach_the_map_metric():
 def test_encoder_layer_decay_gives_each_block_its_own_lr_and_the_heads_theirs(method, tmp_path):
     """ViTDet's layer-wise decay (timm's groups of a headless ViT): block i of d at base lr x 0.7^(d - 1 - i), the
     embeddings at 0.7^d; the pyramid / RPN / RoI heads at head_lr_scale x base lr."""
-    from types import SimpleNamespace
+    from helpers import optimizer_trainer
 
     model = SoftTeacher(**dict(TINY, encoder_kwargs={"depth": 3, "embed_dim": 32, "num_heads": 2}, layer_decay=0.7,
                                head_lr_scale=10.0, base_lr=0.256))
-    model.trainer = SimpleNamespace(estimated_stepping_batches=10, num_training_batches=5, accumulate_grad_batches=1,
-                                    world_size=1, max_epochs=2, is_global_zero=True, gradient_clip_val=None,
-                                    precision="32-true", datamodule=SimpleNamespace(batch_size=2))
+    model.trainer = optimizer_trainer(batch_size=2)
     optimizer = model.configure_optimizers()["optimizer"]
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     lr = 0.256 * 2 / 256

@@ -282,13 +282,12 @@ def test_pretrained_encoder_is_resampled_to_the_segmenter_patch(tmp_path):
 def test_layer_decay_gives_each_encoder_block_its_own_lr_and_the_head_ten_times(layer_decay):
     """--model.layer_decay (#24): block i of d at base lr x decay^(d - 1 - i), embeddings at decay^d, the head at
     head_lr_scale x base lr; 1.0 keeps one lr for the whole encoder (U2PL's ResNet)."""
+    from helpers import optimizer_trainer
     from ssl_kit.methods import U2PL
 
     model = U2PL(encoder_kwargs={"depth": 3, "embed_dim": 32, "num_heads": 2}, img_size=32, layer_decay=layer_decay,
                  head_lr_scale=10.0, base_lr=0.256, head_dim=16, rep_dim=16, warmup_epochs=0)
-    model.trainer = SimpleNamespace(estimated_stepping_batches=10, num_training_batches=5, accumulate_grad_batches=1,
-                                    world_size=1, max_epochs=2, is_global_zero=True, gradient_clip_val=None,
-                                    precision="32-true", datamodule=SimpleNamespace(batch_size=2))
+    model.trainer = optimizer_trainer(batch_size=2)
     optimizer = model.configure_optimizers()["optimizer"]
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     lr = 0.256 * 2 / 256
