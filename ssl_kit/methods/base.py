@@ -126,15 +126,14 @@ class SSLMethod(pl.LightningModule):
         if datamodule is not None and hasattr(datamodule, "draws"):
             datamodule.draws = None
 
-    def adamw_warmup_cosine(self, modules: dict[str, torch.nn.Module], lr_scales: dict[str, float] | None = None) -> dict[str, Any]:
-        """AdamW with no weight decay on biases / 1-D params, lr = base_lr * effective batch / 256, per-step
-        warmup + cosine, from the method's ``base_lr``, ``weight_decay``, ``warmup_epochs``, ``betas``, ``min_lr``.
-        ``lr_scales`` multiplies the lr of the named modules (e.g. ``{"head": 10.0}``)."""
+    def adamw_warmup_cosine(self, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+        """AdamW with no weight decay on biases / 1-D params over the named modules: :meth:`scheduled_adamw`."""
+        return self.scheduled_adamw(adamw_param_groups(modules, self.hparams.weight_decay))
+
+    def scheduled_adamw(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """AdamW over prepared ``groups`` (a group's ``lr_scale`` multiplies its lr), lr = base_lr * effective batch
+        / 256, per-step warmup + cosine, from the method's ``base_lr``, ``warmup_epochs``, ``betas``, ``min_lr``."""
         hp = self.hparams
-        groups = adamw_param_groups(modules, hp.weight_decay)
-        for group in groups:
-            if lr_scales and group["module"] in lr_scales:
-                group["lr_scale"] = lr_scales[group["module"]]
         batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule is not None else 1
         return adamw_warmup_cosine(self, groups, hp.base_lr, batch_size, hp.warmup_epochs, betas=tuple(hp.betas),
                                    min_lr=hp.min_lr)

@@ -21,7 +21,6 @@ from ssl_kit.heads.detection import ViTDetector
 from ssl_kit.losses.soft_teacher import box_uncertainty, confident, jitter_boxes, reliable, soft_background_ce
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import encoder_and_head_groups, pretrained_or_random
-from ssl_kit.optim import adamw_warmup_cosine
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings
@@ -314,5 +313,4 @@ class SoftTeacher(StudentTeacherMethod):
         groups = encoder_and_head_groups(student.encoder, {"pyramid": student.pyramid, "rpn": student.rpn,
                                                            "roi_heads": student.roi_heads},
                                          hp.weight_decay, hp.layer_decay, hp.head_lr_scale)
-        return adamw_warmup_cosine(self, groups, hp.base_lr, self.trainer.datamodule.batch_size, hp.warmup_epochs,
-                                   betas=tuple(hp.betas), min_lr=hp.min_lr)
+        return self.scheduled_adamw(groups)

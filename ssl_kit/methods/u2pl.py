@@ -22,7 +22,6 @@ from ssl_kit.losses.u2pl import (
 )
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import encoder_and_head_groups, pretrained_or_random
-from ssl_kit.optim import adamw_warmup_cosine
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings, require
@@ -310,5 +309,4 @@ class U2PL(StudentTeacherMethod):
         hp = self.hparams
         groups = encoder_and_head_groups(self.student.encoder, {"head": self.student.head}, hp.weight_decay,
                                          hp.layer_decay, hp.head_lr_scale)
-        return adamw_warmup_cosine(self, groups, hp.base_lr, self.trainer.datamodule.batch_size, hp.warmup_epochs,
-                                   betas=tuple(hp.betas), min_lr=hp.min_lr)
+        return self.scheduled_adamw(groups)
