@@ -4,8 +4,8 @@ For a U2PL / seg_supervised checkpoint, on the built-in val scenes (the same 500
 evaluated network (the EMA teacher):
   * per-class IoU and mIoU (torchmetrics' definition: background included, classes absent from both ignored);
   * foreground IoU: every item class merged into one "item" class against background, so only the masks count;
-  * item accuracy: an item (a connected class region of the true mask) is right when the majority of the
-    foreground classes predicted on its pixels is its class;
+  * item accuracy: an item (all pixels of one class in a scene's true mask) is right when the majority of the
+    item classes predicted on its pixels is its class;
   * two oracle mIoUs that split the loss: "true classes on the predicted masks" (every pixel predicted as some
     item that is an item takes its true class: class confusions removed, mask errors kept) and "predicted
     classes on the true masks" (each true item filled with its majority predicted class, background elsewhere:
@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import torch
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from ssl_kit.data import SegmentationDataModule
 from ssl_kit.methods import U2PL
@@ -31,8 +32,8 @@ RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder 
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
-    """``[k, k]`` pixel counts, rows = true class, columns = predicted class."""
-    return torch.bincount(target.flatten() * k + pred.flatten(), minlength=k * k).view(k, k)
+    """``[k, k]`` pixel counts, rows = true class, columns = predicted class (torchmetrics)."""
+    return multiclass_confusion_matrix(pred.flatten(), target.flatten(), k)
 
 
 def iou_per_class(conf: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,8 @@ def main() -> None:
             for key, value in error_split(pred, masks.long(), k).items():
                 totals[key] = totals.get(key, 0) + value
     conf = totals["pred"]
-    binary = torch.stack([torch.stack([conf[0, 0], conf[0, 1:].sum()]), torch.stack([conf[1:, 0].sum(), conf[1:, 1:].sum()])])
+    both_items = conf[1:, 1:].sum()  # item pixels predicted as some item
+    foreground_iou = both_items / (conf[1:].sum() + conf[:, 1:].sum() - both_items)
     miou = {name: round(float(iou_per_class(totals[name]).nanmean()), 4) for name in ("pred", "true_classes", "true_masks")}
     entry = {
         "checkpoint": args.checkpoint,
@@ -93,7 +95,7 @@ def main() -> None:
         "val_scenes": len(dm.val_set),
         "miou": miou["pred"],
         "iou_per_class": [round(float(v), 4) for v in iou_per_class(conf)],
-        "foreground_iou": round(float(iou_per_class(binary)[1]), 4),
+        "foreground_iou": round(float(foreground_iou), 4),
         "item_accuracy": round(totals["items_right"] / totals["items"], 4),
         "items": totals["items"],
         "miou_true_classes_on_predicted_masks": miou["true_classes"],
