@@ -186,6 +186,29 @@ def test_segmentation_net_shapes():
     assert out.logits_low.shape == (2, 5, 16, 16) and out.rep.shape == (2, 24, 16, 16)
 
 
+def test_supervised_only_segmenter_builds_no_representation_branch_and_loads_older_checkpoints():
+    """Without a contrastive loss (seg_supervised) the head has no representation branch: no parameters, the forward
+    returns None for it, the logits are unchanged. A checkpoint written when the branch was built anyway still
+    loads into such a model (its branch weights are dropped), with the same logits."""
+    from ssl_kit.methods import U2PL
+
+    torch.manual_seed(0)
+    kwargs = dict(encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, img_size=32, head_dim=16, rep_dim=8,
+                  memory_size=4, unsup_weight=0.0)
+    with_branch = U2PL(**kwargs, contrastive_weight=0.1).eval()
+    without = U2PL(**kwargs, contrastive_weight=0.0).eval()
+    assert without.student.head.representation is None
+    assert not any(".representation." in name for name, _ in without.named_parameters())
+    checkpoint = {"state_dict": dict(with_branch.state_dict())}
+    assert any(".head.representation." in k for k in checkpoint["state_dict"])
+    without.on_load_checkpoint(checkpoint)
+    without.load_state_dict(checkpoint["state_dict"])  # strict: every remaining key matches
+    images = torch.randn(2, 1, 32, 32)
+    out = without.student(images)
+    assert out.rep is None
+    assert torch.equal(out.logits, with_branch.student(images).logits)
+
+
 def test_the_batch_wide_percentile_drops_mostly_foreground_pixels_on_a_fixed_batch():
     """Issue #24: 2 scenes of 4 x 4 pixels, 8 of 32 pixels foreground (25 %), each foreground pixel more
     uncertain than the background (as early in training), two background pixels in between. At alpha 31.25 %

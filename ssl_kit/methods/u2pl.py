@@ -160,8 +160,10 @@ class U2PL(StudentTeacherMethod):
         resample = {"patch_size": patch_size} if init_from and patch_size else {}
         vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate,
                                               **resample)
+        # without a contrastive loss (seg_supervised) the representation branch would cost a third of the step
+        # for a zero-weighted output, so it is not built
         head = ProgressiveUpsamplingHead(vit.embed_dim, num_classes, head_dim, rep_dim, num_upsample, head_dropout,
-                                         head_norm)
+                                         head_norm, representation=contrastive_weight > 0)
         self.student = SegmentationNet(vit, head)
         self.ema_teacher = make_ema_copy(self.student)
         self.memory_bank = ClassMemoryBank(num_classes, memory_size, rep_dim)
@@ -202,7 +204,7 @@ class U2PL(StudentTeacherMethod):
             loss, logs = self.mean_over_draw_groups("u2pl_supervised", self._supervised_loss, out.logits, labels)
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n_l)
             # the representation head joins the graph with zero weight, so plain DDP sees every parameter used
-            return self.report_loss(loss + 0.0 * out.rep.sum(), n_l)
+            return self.report_loss(loss if out.rep is None else loss + 0.0 * out.rep.sum(), n_l)
 
         self.ema_teacher.eval()
         with torch.no_grad():
@@ -227,8 +229,6 @@ class U2PL(StudentTeacherMethod):
                 part.update(rep=out.rep[rows], rep_t=out_t.rep[rows], probs_low=out_t.logits_low[rows].softmax(dim=1))
             push_negatives(self.memory_bank, *self.random_draw("negatives", self._negatives, lab, unl))
         loss, logs = self.mean_over_draw_groups("u2pl", self._semi_loss, lab, unl)
-        if hp.contrastive_weight == 0:
-            loss = loss + 0.0 * out.rep.sum()
         self.log_dict({**logs, "unreliable_percent": alpha}, on_step=True, on_epoch=False, batch_size=n_l)
         return self.report_loss(loss, n_l)
 
@@ -284,6 +284,14 @@ class U2PL(StudentTeacherMethod):
             loss = loss + hp.contrastive_weight * contra
             logs.update(loss_contrastive=contra.detach(), **info)
         return loss, logs
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints of supervised-only runs written before the representation branch was left out when unused
+        carry its weights; they are dropped so those runs still resume and evaluate."""
+        if self.student.head.representation is None:
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if ".head.representation." in k]:
+                del state[key]
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
