@@ -11,8 +11,12 @@ evaluated network (the EMA teacher):
     classes on the true masks" (each true item filled with its majority predicted class, background elsewhere:
     mask errors removed, class errors kept).
 
+The scenes are those of the run: its ``config.yaml`` (beside ``checkpoints/``) gives the data seed, scene counts and
+item settings. ``--split train`` scores the first ``--max_scenes`` of its LABELED training scenes instead (eval transform), to tell
+overfitting from underfitting.
+
 Usage:
-    python benchmarks/seg_errors.py runs/u2pl/TIME/checkpoints/last.ckpt [--labeled 125] [--tag NAME]
+    python benchmarks/seg_errors.py runs/u2pl/TIME/checkpoints/last.ckpt [--tag NAME] [--split train]
 Writes benchmarks/results/seg_errors/seg_errors.json (one entry per checkpoint, merged).
 """
 from __future__ import annotations
@@ -67,21 +71,42 @@ def error_split(pred: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, t
             "true_masks": confusion(true_masks, target, k), "items": items, "items_right": right}
 
 
+SCENE_ARGS = ("seed", "img_size", "train_scenes", "val_scenes", "labeled_images", "objects", "object_size", "texture")
+
+
+def run_scenes(checkpoint: str) -> dict:
+    """The built-in scene settings of the run that wrote ``checkpoint`` (its config.yaml), ``{}`` without one."""
+    import yaml
+
+    config = Path(checkpoint).resolve().parent.parent / "config.yaml"
+    if not config.is_file():
+        return {}
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    return {key: data[key] for key in SCENE_ARGS if data.get(key) is not None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
-    parser.add_argument("--labeled", type=int, default=125, help="--data.labeled_images of the run (for the record)")
     parser.add_argument("--tag", default=None, help="name of the entry (default: the run folder)")
+    parser.add_argument("--split", choices=["val", "train"], default="val")
+    parser.add_argument("--max_scenes", type=int, default=500, help="labeled training scenes scored with --split train")
     parser.add_argument("--result", default="seg_errors.json")
     args = parser.parse_args()
     model = U2PL.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     k = model.hparams.num_classes
-    dm = SegmentationDataModule(img_size=model.hparams.img_size, labeled_images=args.labeled, unlabeled_ratio=0)
+    scenes = {"img_size": model.hparams.img_size, "labeled_images": None, **run_scenes(args.checkpoint)}
+    dm = SegmentationDataModule(**scenes, unlabeled_ratio=0)
     dm.setup("fit")
+    if args.split == "train":
+        subset = torch.utils.data.Subset(dm.full_train, dm.subset_indices[:args.max_scenes])  # scenes it trained on
+        loader = torch.utils.data.DataLoader(subset, batch_size=64)
+    else:
+        loader = dm.val_dataloader()
     dtype = autocast_dtype(resolve_precision("auto"))
     totals: dict[str, torch.Tensor | int] = {}
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        for images, masks in dm.val_dataloader():
+        for images, masks in loader:
             pred = model(dm.eval_images(images)).float().argmax(dim=1)
             for key, value in error_split(pred, masks.long(), k).items():
                 totals[key] = totals.get(key, 0) + value
@@ -91,8 +116,9 @@ def main() -> None:
     miou = {name: round(float(iou_per_class(totals[name]).nanmean()), 4) for name in ("pred", "true_classes", "true_masks")}
     entry = {
         "checkpoint": args.checkpoint,
-        "labeled_images": args.labeled,
-        "val_scenes": len(dm.val_set),
+        "scenes": scenes,
+        "split": args.split,
+        "scored_scenes": len(loader.dataset),
         "miou": miou["pred"],
         "iou_per_class": [round(float(v), 4) for v in iou_per_class(conf)],
         "foreground_iou": round(float(foreground_iou), 4),
@@ -104,7 +130,8 @@ def main() -> None:
     print(json.dumps(entry, indent=2))
     out = RESULTS / args.result
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result[args.tag or Path(args.checkpoint).parent.parent.name] = entry
+    tag = args.tag or Path(args.checkpoint).parent.parent.name + ("_train" if args.split == "train" else "")
+    result[tag] = entry
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

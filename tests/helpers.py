@@ -65,7 +65,7 @@ TINY = {
         "--trainer.limit_train_batches", "3", "--trainer.log_every_n_steps", "1",
     ],
     **{recipe: TINY_SEMI for recipe in ("uda", "supervised", "mpl")},
-    **{recipe: TINY_SEG for recipe in ("u2pl", "seg_supervised")},
+    **{recipe: TINY_SEG for recipe in ("u2pl", "seg_supervised", "seg_supervised_all")},
     **{recipe: TINY_DET for recipe in ("soft_teacher", "det_supervised")},
 }
 TINY_ARGS = ["--recipe", "mae", *TINY["mae"]]  # the tiny MAE run most CLI tests start from

@@ -34,3 +34,16 @@ def test_error_split_by_hand(seg_errors):
     # predicted classes on the true masks: item 1 -> 1, item 2 -> 3 (its majority), background exact
     assert out["true_masks"].tolist() == [[8, 0, 0, 0], [0, 4, 0, 0], [0, 0, 0, 4], [0, 0, 0, 0]]
     assert torch.isnan(seg_errors.iou_per_class(torch.zeros(2, 2, dtype=torch.long))).all()
+
+
+def test_the_scenes_are_read_from_the_runs_config(seg_errors, tmp_path):
+    """A run of seed 1 on 8000 scenes is scored on ITS scenes (the val scenes are drawn from the data seed), not on
+    the defaults; without a config.yaml the defaults stay."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  class_path: ssl_kit.data.SegmentationDataModule\n  init_args:\n"
+                                     "    seed: 1\n    train_scenes: 8000\n    labeled_images: 8000\n    root: null\n"
+                                     "    object_size:\n    - 16\n    - 40\n    batch_size: 32\n")
+    scenes = seg_errors.run_scenes(str(run / "checkpoints" / "last.ckpt"))
+    assert scenes == {"seed": 1, "train_scenes": 8000, "labeled_images": 8000, "object_size": [16, 40]}
+    assert seg_errors.run_scenes(str(tmp_path / "elsewhere" / "checkpoints" / "last.ckpt")) == {}

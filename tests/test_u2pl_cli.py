@@ -41,11 +41,14 @@ def test_u2pl_class_ranking_and_layer_norm_head_train_and_log_what_the_percentil
     assert not any("running_mean" in k for k in ckpt["state_dict"])  # no BatchNorm left in the head
 
 
-def test_seg_supervised_baseline_sees_no_unlabeled_scenes(tmp_path):
+@pytest.mark.parametrize("recipe", ["seg_supervised", "seg_supervised_all"])
+def test_seg_supervised_baseline_sees_no_unlabeled_scenes(tmp_path, recipe):
     run = tmp_path / "sup"
-    assert run_tiny("seg_supervised", run, "--trainer.max_epochs", "2") == 0
+    assert run_tiny(recipe, run, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1") == 0
     assert len(metric_column(run, "loss_sup")) == 4 and not metric_column(run, "loss_unsup")
     assert len(metric_column(run, "val_miou")) == 2
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not any(".representation." in k for k in state)  # no contrastive loss: no representation branch
 
 
 def test_u2pl_resume_continues_teacher_memory_bank_and_schedule(tmp_path):
