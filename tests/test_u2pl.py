@@ -187,9 +187,9 @@ def test_segmentation_net_shapes():
 
 
 def test_supervised_only_segmenter_builds_no_representation_branch_and_loads_older_checkpoints():
-    """Without a contrastive loss (seg_supervised) the head has no representation branch: no parameters, the forward
-    returns None for it, the logits are unchanged. A checkpoint written when the branch was built anyway still
-    loads into such a model (its branch weights are dropped), with the same logits."""
+    """Without a contrastive loss (seg_supervised) the head has no representation branch and the method no memory
+    bank: no parameters or buffers, the forward returns None for it, the logits are unchanged. A checkpoint written
+    when both were built anyway still loads into such a model (their entries are dropped), with the same logits."""
     from ssl_kit.methods import U2PL
 
     torch.manual_seed(0)
@@ -199,8 +199,10 @@ def test_supervised_only_segmenter_builds_no_representation_branch_and_loads_old
     without = U2PL(**kwargs, contrastive_weight=0.0).eval()
     assert without.student.head.representation is None
     assert not any(".representation." in name for name, _ in without.named_parameters())
+    assert without.memory_bank is None and not any(k.startswith("memory_bank.") for k in without.state_dict())
     checkpoint = {"state_dict": dict(with_branch.state_dict())}
     assert any(".head.representation." in k for k in checkpoint["state_dict"])
+    assert any(k.startswith("memory_bank.") for k in checkpoint["state_dict"])
     without.on_load_checkpoint(checkpoint)
     without.load_state_dict(checkpoint["state_dict"])  # strict: every remaining key matches
     images = torch.randn(2, 1, 32, 32)

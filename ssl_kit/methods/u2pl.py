@@ -161,12 +161,13 @@ class U2PL(StudentTeacherMethod):
         vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate,
                                               **resample)
         # without a contrastive loss (seg_supervised) the representation branch would cost a third of the step
-        # for a zero-weighted output, so it is not built
+        # for a zero-weighted output and the memory bank a third of each checkpoint, so neither is built
+        contrastive = contrastive_weight > 0
         head = ProgressiveUpsamplingHead(vit.embed_dim, num_classes, head_dim, rep_dim, num_upsample, head_dropout,
-                                         head_norm, representation=contrastive_weight > 0)
+                                         head_norm, representation=contrastive)
         self.student = SegmentationNet(vit, head)
         self.ema_teacher = make_ema_copy(self.student)
-        self.memory_bank = ClassMemoryBank(num_classes, memory_size, rep_dim)
+        self.memory_bank = ClassMemoryBank(num_classes, memory_size, rep_dim) if contrastive else None
         self.val_miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE)
 
     # ------------------------------------------------------------------ contract
@@ -286,11 +287,11 @@ class U2PL(StudentTeacherMethod):
         return loss, logs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints of supervised-only runs written before the representation branch was left out when unused
-        carry its weights; they are dropped so those runs still resume and evaluate."""
-        if self.student.head.representation is None:
+        """Checkpoints of supervised-only runs written before the representation branch and the memory bank were
+        left out when unused carry them; they are dropped so those runs still resume and evaluate."""
+        if self.memory_bank is None:
             state = checkpoint.get("state_dict", {})
-            for key in [k for k in state if ".head.representation." in k]:
+            for key in [k for k in state if ".head.representation." in k or k.startswith("memory_bank.")]:
                 del state[key]
 
     # ------------------------------------------------------------------ evaluation
