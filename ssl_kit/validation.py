@@ -63,7 +63,7 @@ RULES: dict[str, Rule] = {
         "representation", "rpn_batch", "roi_batch", "rpn_pre_nms", "rpn_post_nms", "anchor_sizes", "strides")},
     **{name: at_least(0) for name in (
         "decoder_depth", "finetune_epochs", "freeze_last_layer_epochs", "warmup_teacher_temp_epochs", "sup_only_epochs",
-        "num_upsample", "uda_ramp_epochs", "student_wait_epochs")},
+        "num_upsample", "uda_ramp_epochs", "unsup_ramp_epochs", "student_wait_epochs")},
     "num_classes": at_least(2, "background included for segmentation and detection"),
     "jitter_times": at_least(2, "Soft Teacher measures the spread of jittered boxes; the paper: 10"),
     # probabilities, momenta and fractions

@@ -162,6 +162,31 @@ def test_ema_decay_counts_from_the_end_of_the_supervised_warm_up():
     assert EMATeacher(schedule="inverse", cap=0.99).momentum(10**5, 10**6) == pytest.approx(0.99)
 
 
+def test_unsupervised_weight_ramp_counts_from_the_end_of_the_warm_up_and_scales_both_terms():
+    """``unsup_ramp_epochs 2`` with a 1-epoch warm-up of 3 steps: the s-th semi-supervised step gets (s + 1) / 6, then 1;
+    the loss is the supervised CE plus the ramp times the unsupervised CE."""
+    from ssl_kit.methods import U2PL
+
+    kwargs = dict(encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, img_size=32, head_dim=16, rep_dim=8,
+                  memory_size=4, contrastive_weight=0.0, sup_only_epochs=1)
+    module = U2PL(**kwargs, unsup_ramp_epochs=2)
+    module._trainer = SimpleNamespace(global_step=0, num_training_batches=3, accumulate_grad_batches=1)
+    ramps = {}
+    for step in (3, 5, 8, 20):
+        module._trainer.global_step = step
+        ramps[step] = module.unsup_ramp()
+    assert ramps == pytest.approx({3: 1 / 6, 5: 3 / 6, 8: 1.0, 20: 1.0})
+    assert U2PL(**kwargs).unsup_ramp() == 1.0  # no ramp: the paper's full weight at once
+
+    torch.manual_seed(0)
+    lab = {"logits": torch.randn(2, 11, 4, 4), "labels": torch.randint(0, 11, (2, 4, 4))}
+    unl = {"logits": torch.randn(2, 11, 4, 4), "pseudo": torch.randint(0, 11, (2, 4, 4)),
+           "unreliable": torch.zeros(2, 4, 4, dtype=torch.bool)}
+    loss, logs = module._semi_loss(lab, unl, ramp=0.25)
+    assert loss.item() == pytest.approx((logs["loss_sup"] + 0.25 * logs["loss_unsup"]).item())
+    assert module._semi_loss(lab, unl)[0].item() == pytest.approx((logs["loss_sup"] + logs["loss_unsup"]).item())
+
+
 def test_cutmix_boxes_cover_half_the_image_and_take_the_next_image():
     torch.manual_seed(0)
     masks = cutmix_masks(64, 32, 48, prob=0.5)

@@ -30,12 +30,14 @@ def test_u2pl_warm_up_then_semi_supervised_logs_pictures_and_export(tmp_path):
         assert torch.equal(value, teacher[key]), key
 
 
-def test_u2pl_class_ranking_and_layer_norm_head_train_and_log_what_the_percentile_drops(tmp_path):
+def test_u2pl_class_ranking_layer_norm_head_and_weight_ramp_train_and_log_what_the_percentile_drops(tmp_path):
     run = tmp_path / "u2pl"
     assert run_tiny("u2pl", run, "--trainer.max_epochs", "1", "--model.sup_only_epochs", "0",
-                    "--model.unreliable_ranking", "class", "--model.head_norm", "layer") == 0
+                    "--model.unreliable_ranking", "class", "--model.head_norm", "layer",
+                    "--model.unsup_ramp_epochs", "1") == 0
     shares = metric_column(run, "unreliable_foreground_share")
     assert len(shares) == 2 and all(0 <= v <= 1 for v in shares)
+    assert metric_column(run, "unsup_ramp") == pytest.approx([0.5, 1.0])  # 2 steps per epoch, ramped over 1
     assert (run / "pictures" / "segmentation_epoch_000.png").is_file()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any("running_mean" in k for k in ckpt["state_dict"])  # no BatchNorm left in the head

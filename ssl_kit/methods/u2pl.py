@@ -2,6 +2,7 @@
 METHODS.md section 6, on the shared ViT with a progressive upsampling head."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from ssl_kit.losses.u2pl import (
 )
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import encoder_and_head_groups, pretrained_or_random
+from ssl_kit.optim import steps_per_epoch
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings, require
@@ -87,6 +89,9 @@ class U2PL(StudentTeacherMethod):
         head_dropout: dropout before the head's classifier (drawn per process, like stochastic depth).
         sup_only_epochs: supervised warm-up epochs (teacher copies the student meanwhile).
         unsup_weight, contrastive_weight: loss weights (1.0, 0.1).
+        unsup_ramp_epochs: after the warm-up both weights rise linearly from ~0 to their value over this many
+            epochs (optimizer steps counted, so resume continues the ramp); 0 = full weight at once, the paper
+            (not in U2PL; as MPL's ``uda_ramp_epochs``).
         alpha0: unreliable percentage at epoch 0 (20).
         unreliable_ranking: ``batch`` ranks the entropy of all valid unlabeled pixels of the device batch (the
             paper); ``class`` ranks within each pseudo class, so background cannot push the objects out
@@ -123,6 +128,7 @@ class U2PL(StudentTeacherMethod):
         sup_only_epochs: int = 1,
         unsup_weight: float = 1.0,
         contrastive_weight: float = 0.1,
+        unsup_ramp_epochs: float = 0.0,
         alpha0: float = 20.0,
         unreliable_ranking: Literal["batch", "class"] = "batch",
         unsup_normalisation: Literal["paper", "authors"] = "paper",
@@ -191,6 +197,16 @@ class U2PL(StudentTeacherMethod):
         hp = self.hparams
         return (hp.unsup_weight > 0 or hp.contrastive_weight > 0) and self.current_epoch >= hp.sup_only_epochs
 
+    def unsup_ramp(self) -> float:
+        """Factor in (0, 1] on the unsupervised and contrastive weights at this step: ``(s + 1) / R`` for the s-th
+        step after the warm-up and R = ``unsup_ramp_epochs`` epochs of steps, 1 from then on (and without a ramp)."""
+        hp = self.hparams
+        if hp.unsup_ramp_epochs <= 0 or self._trainer is None:
+            return 1.0
+        per_epoch = steps_per_epoch(self.trainer)
+        since_warmup = self.global_step - hp.sup_only_epochs * per_epoch
+        return min(1.0, max(since_warmup + 1, 1) / max(hp.unsup_ramp_epochs * per_epoch, 1.0))
+
     def current_alpha(self) -> float:
         """alpha_t in percent for the current epoch."""
         return unreliable_percent(self.current_epoch, self.trainer.max_epochs if self._trainer else 1, self.hparams.alpha0)
@@ -229,8 +245,10 @@ class U2PL(StudentTeacherMethod):
             for part, rows in ((lab, slice(0, n_l)), (unl, slice(n_l, None))):
                 part.update(rep=out.rep[rows], rep_t=out_t.rep[rows], probs_low=out_t.logits_low[rows].softmax(dim=1))
             push_negatives(self.memory_bank, *self.random_draw("negatives", self._negatives, lab, unl))
-        loss, logs = self.mean_over_draw_groups("u2pl", self._semi_loss, lab, unl)
-        self.log_dict({**logs, "unreliable_percent": alpha}, on_step=True, on_epoch=False, batch_size=n_l)
+        ramp = self.unsup_ramp()
+        loss, logs = self.mean_over_draw_groups("u2pl", partial(self._semi_loss, ramp=ramp), lab, unl)
+        self.log_dict({**logs, "unreliable_percent": alpha, "unsup_ramp": ramp}, on_step=True, on_epoch=False,
+                      batch_size=n_l)
         return self.report_loss(loss, n_l)
 
     # Each of the following sees one draw group (one device batch in the reference).
@@ -263,12 +281,12 @@ class U2PL(StudentTeacherMethod):
                                         self.hparams.high_rank)
         return torch.cat([lab["rep_t"], unl["rep_t"]]), negatives
 
-    def _semi_loss(self, lab: dict[str, Tensor], unl: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        """Supervised CE + unsupervised CE on reliable pixels (+ contrastive) of one group, and its logs."""
+    def _semi_loss(self, lab: dict[str, Tensor], unl: dict[str, Tensor], ramp: float = 1.0) -> tuple[Tensor, dict[str, Any]]:
+        """Supervised CE + ``ramp`` x (unsupervised CE on reliable pixels (+ contrastive)) of one group, and its logs."""
         hp = self.hparams
         sup = F.cross_entropy(lab["logits"], lab["labels"], ignore_index=IGNORE)
         unsup = unsupervised_ce(unl["logits"], unl["pseudo"], ~unl["unreliable"], hp.unsup_normalisation)
-        loss = sup + hp.unsup_weight * unsup
+        loss = sup + ramp * hp.unsup_weight * unsup
         valid = unl["pseudo"] != IGNORE
         logs: dict[str, Any] = {
             "loss_sup": sup.detach(), "loss_unsup": unsup.detach(),
@@ -282,7 +300,7 @@ class U2PL(StudentTeacherMethod):
                 torch.cat([lab["rep"], unl["rep"]]), torch.cat([lab["rep_t"], unl["rep_t"]]),
                 torch.cat([lab["probs_low"], unl["probs_low"]]), labels_small, anchor_region, self.memory_bank,
                 hp.num_anchors, hp.num_negatives, hp.temperature, hp.anchor_threshold)
-            loss = loss + hp.contrastive_weight * contra
+            loss = loss + ramp * hp.contrastive_weight * contra
             logs.update(loss_contrastive=contra.detach(), **info)
         return loss, logs
 
