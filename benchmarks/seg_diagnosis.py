@@ -1,15 +1,21 @@
-"""Why the supervised segmenter learns item classes slowly on the built-in scenes (#24): two measurements.
+"""Why the supervised segmenter learns item classes slowly on the built-in scenes (#24): three measurements.
 
 1. **Item features of a frozen encoder in scenes.** Each item's feature is the mean of the final patch tokens
    under its mask; weighted k-NN (k 20, T 0.07) from the items of 1000 train scenes to those of 300 val scenes.
    Readouts: whole 64 px scene (position grid resampled 8x8 -> 16x16), the same with MAE's sin-cos table for
    16x16 instead of the resampled one, a 32 px window around each item (the pretraining context), and single
-   28 px items on a 64 px or a 32 px black canvas.
+   28 px items on a 64 px or a 32 px black canvas; on the 64 px canvas both where the generator put them and the
+   same items moved to the centre (the same pixels, only the position differs).
 2. **Learning curves of the supervised segmenter** (ViT + progressive upsampling head, per-pixel CE, AdamW
    5e-4 encoder / 5e-3 head, one-cycle, bf16 autocast, batch 8): val mIoU and foreground pixel accuracy on 300
    val scenes, and the same on 300 of its training scenes, for 125 and 2000 labeled scenes.
+3. **What a segmenter's pseudo labels know** (``--pseudo_labels CKPT``): its EMA teacher on 400 unlabeled train
+   scenes of its run (what U2PL's unsupervised loss trains on): among item pixels predicted as some item, the share
+   at or above each confidence (max softmax) and how many of those have the right class.
 
     python benchmarks/seg_diagnosis.py --encoder runs/mae/TIME/encoder [--skip_training]
+    python benchmarks/seg_diagnosis.py --curves_only --skip_training --pseudo_labels RUN/checkpoints/last.ckpt \
+        --out benchmarks/results/seg_diagnosis/pseudo_labels.json
 
 Writes benchmarks/results/seg_diagnosis/seg_diagnosis.json.
 """
@@ -69,9 +75,26 @@ def item_features(vit: torch.nn.Module, dm: SegmentationDataModule, dataset, cou
     return F.normalize(torch.stack(feats), dim=1), torch.tensor(labels)
 
 
-def knn_items(vit: torch.nn.Module, train_dm: SegmentationDataModule, window: int | None = None) -> dict[str, float]:
-    tf, tl = item_features(vit, train_dm, train_dm.full_train, 1000, window)
-    vf, vl = item_features(vit, train_dm, train_dm.val_set, 300, window)
+def centre_items(dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Single-item scenes on a black canvas with each item (image and mask) shifted so that its mask's bounding box
+    is centred; nothing but the position changes."""
+    out = []
+    for i in range(len(dataset)):
+        image, mask = dataset[i]
+        ys, xs = (mask > 0).nonzero(as_tuple=True)
+        side = mask.shape[-1]
+        shift = (side - int(ys.min() + ys.max())) // 2, (side - int(xs.min() + xs.max())) // 2
+        out.append((image.roll(shift, dims=(-2, -1)), mask.roll(shift, dims=(-2, -1))))
+    return out
+
+
+def knn_items(vit: torch.nn.Module, train_dm: SegmentationDataModule, window: int | None = None,
+              centred: bool = False) -> dict[str, float]:
+    train, val = train_dm.full_train, train_dm.val_set
+    if centred:
+        train, val = centre_items([train[i] for i in range(1000)]), centre_items([val[i] for i in range(300)])
+    tf, tl = item_features(vit, train_dm, train, 1000, window)
+    vf, vl = item_features(vit, train_dm, val, 300, window)
     pred = weighted_knn(tf, tl, vf, num_classes=10, k=20, temperature=0.07)[20]
     return {"knn_top1": round(float((pred == vl).float().mean()), 4), "train_items": len(tl), "val_items": len(vl)}
 
@@ -90,8 +113,46 @@ def feature_checks(encoder: str | None) -> dict[str, dict[str, float]]:
         "scene_64px_sincos_16x16": knn_items(encoder_at(encoder, 64, sincos=True), scenes),
         "scene_32px_window_per_item": knn_items(encoder_at(encoder, 32), scenes, window=32),
         "single_28px_item_64px_canvas": knn_items(encoder_at(encoder, 64), single64),
+        "single_28px_item_64px_canvas_centred": knn_items(encoder_at(encoder, 64), single64, centred=True),
         "single_28px_item_32px_canvas": knn_items(encoder_at(encoder, 32), single32),
     }
+
+
+THRESHOLDS = (0.0, 0.5, 0.7, 0.9, 0.95, 0.99)
+
+
+def confidence_table(probs: torch.Tensor, target: torch.Tensor) -> list[dict[str, float | None]]:
+    """``[N, K, H, W]`` softmax and ``[N, H, W]`` truth -> for each threshold, the share of item pixels (true item,
+    predicted as some item) at or above it and their class accuracy (None where none pass)."""
+    conf, pred = probs.max(dim=1)
+    both = (pred > 0) & (target > 0)
+    conf, right = conf[both], (pred == target)[both]
+    rows = []
+    for t in THRESHOLDS:
+        keep = conf >= t
+        rows.append({"threshold": t, "share": round(float(keep.float().mean()), 4),
+                     "class_accuracy": round(float(right[keep].float().mean()), 4) if keep.any() else None})
+    return rows
+
+
+@torch.no_grad()
+def pseudo_label_check(checkpoint: str, scenes: int = 400) -> dict:
+    """A segmenter's teacher on the first ``scenes`` unlabeled train scenes of its run (its config.yaml)."""
+    from seg_errors import run_scenes  # same folder
+
+    model = U2PL.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    dm = SegmentationDataModule(**{"img_size": model.hparams.img_size, **run_scenes(checkpoint)}, unlabeled_ratio=0)
+    dm.setup("fit")
+    labeled = set(dm.subset_indices)
+    unlabeled = [i for i in range(len(dm.full_train)) if i not in labeled][:scenes]
+    images, masks = map(torch.stack, zip(*[dm.full_train[i] for i in unlabeled]))
+    with torch.autocast(**BF16):
+        probs = torch.cat([model(dm.eval_images(images[i:i + 64])).float().softmax(1) for i in range(0, len(images), 64)])
+    target, pred = masks.long(), probs.argmax(1)
+    return {"checkpoint": checkpoint, "unlabeled_scenes": len(unlabeled),
+            "pixel_accuracy": round(float((pred == target).float().mean()), 4),
+            "item_pixel_accuracy": round(float((pred == target)[target > 0].float().mean()), 4),
+            "by_confidence": confidence_table(probs, target)}
 
 
 def segmentation_curve(encoder: str | None, labeled: int, steps: int, every: int, seed: int = 0,
@@ -158,6 +219,7 @@ def main() -> None:
     parser.add_argument("--head_lr", type=float, default=5e-3, help="peak one-cycle lr of the head")
     parser.add_argument("--patch_size", type=int, default=None,
                         help="segment with this patch size (the encoder's patch embedding resampled); default: its own")
+    parser.add_argument("--pseudo_labels", nargs="*", default=[], help="segmenter checkpoints for measurement 3")
     parser.add_argument("--out", default=str(RESULTS / "seg_diagnosis.json"))
     args = parser.parse_args()
     result = {"encoder": args.encoder, "encoder_lr": args.encoder_lr, "head_lr": args.head_lr,
@@ -170,6 +232,9 @@ def main() -> None:
                                                                encoder_lr=args.encoder_lr, head_lr=args.head_lr,
                                                                patch_size=args.patch_size)
                             for n in args.labeled}
+    if args.pseudo_labels:
+        result["pseudo_labels"] = [pseudo_label_check(c) for c in args.pseudo_labels]
+        print(json.dumps(result["pseudo_labels"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
