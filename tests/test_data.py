@@ -326,3 +326,6 @@ def test_scene_source_pretrains_on_the_segmentation_modules_train_scenes():
         image, label = dm.train_set[i]
         assert label == -1 and torch.equal(image, seg.full_train[i][0])
     assert dm.mean == seg.mean and dm.std == seg.std
+    more = PretrainDataModule(dataset="fmnist_scenes", img_size=64, batch_size=4, seed=3, train_scenes=2500)
+    more.setup()  # more scenes of Fashion-MNIST train items (--data.train_scenes), still unlabeled
+    assert len(more.train_set) == 2500 and more.train_set[0][0].shape == (1, 64, 64)

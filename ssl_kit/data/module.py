@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from ssl_kit.data.augment import EvalTransform, MultiCropAugment, TrainAugment
 from ssl_kit.data.resumable import ResumableLoader
+from ssl_kit.data.fmnist_scenes import TRAIN_SCENES
 from ssl_kit.data.splits import Splits, channel_stats, load_splits, resolve_source
 from ssl_kit.distributed import DrawPlan, GlobalBatchSampler, check_draw_groups, step_seed
 from ssl_kit.errors import UserError
@@ -98,6 +99,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.in_chans not in (1, 3):
             raise UserError(f"--data.in_chans must be 1 (grayscale) or 3 (RGB), got {self.in_chans}.")
         self.batch_size = batch_size
+        self.train_scenes = TRAIN_SCENES  # built-in scenes made for ``fmnist_scenes`` (pretraining sets its own)
         self.num_workers = num_workers if num_workers is not None else default_num_workers(self.source)
         # scenes are made at the model's size (the canvas the segmentation module uses); files are decoded larger
         self.decode_size = decode_size or (img_size if self.source == "fmnist_scenes" else round(img_size / 0.875))
@@ -135,7 +137,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def load_splits(self) -> Splits:
         """Train / val splits of this module's source."""
-        return load_splits(self.source, self.root, self.in_chans, self.decode_size, self.val_fraction, self.verify_images, self.seed)
+        return load_splits(self.source, self.root, self.in_chans, self.decode_size, self.val_fraction, self.verify_images, self.seed,
+                           self.train_scenes)
 
     def make_loader(self, dataset: Dataset, train: bool, batch_size: int | None = None, seed_salt: int = 0,
                     num_samples: int | None = None, collate_fn: Callable | None = None) -> DataLoader:
@@ -184,6 +187,8 @@ class PretrainDataModule(ImageDataModule):
         draw_group_size: images of the global batch that share one random stream (augmentation, masks);
             unset = one stream per device batch. Runs whose per-device batch is a multiple of it draw
             the same for every image on any number of processes (``ssl_kit.distributed``).
+        train_scenes: scenes made for ``fmnist_scenes`` (2000: exactly a segmentation run's train scenes of the
+            same seed and size; more: further scenes of Fashion-MNIST train items).
     """
 
     def __init__(
@@ -204,10 +209,12 @@ class PretrainDataModule(ImageDataModule):
         verify_images: bool = True,
         seed: int = 0,
         draw_group_size: int | None = None,
+        train_scenes: int = TRAIN_SCENES,
     ) -> None:
         check_settings(dict(locals()), "data", DATA_RULES)
         super().__init__(root, dataset, img_size, in_chans, batch_size, num_workers, decode_size, val_fraction, verify_images, seed,
                          draw_group_size)
+        self.train_scenes = train_scenes
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise UserError(f"--data.crop_scale must be [min, max] area fractions with 0 < min <= max <= 1 "
                             f"(e.g. [0.2, 1.0]), got {list(crop_scale)}.")

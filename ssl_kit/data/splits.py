@@ -60,7 +60,7 @@ def channel_stats(source: str, in_chans: int) -> tuple[tuple[float, ...], tuple[
 
 def load_splits(
     source: str, root: str | None, in_chans: int, decode_size: int, val_fraction: float = 0.1,
-    verify_images: bool = True, seed: int = 0,
+    verify_images: bool = True, seed: int = 0, scenes: int = TRAIN_SCENES,
 ) -> Splits:
     """Load train / val splits.
 
@@ -68,15 +68,16 @@ def load_splits(
     * Folder with ``train/`` and ``val/``: those.
     * Folder of class sub-folders: a seeded ``val_fraction`` of the images is held out as val.
     * Flat folder: every image is unlabeled training data, no val.
-    * ``fmnist_scenes``: the built-in segmentation scenes (``decode_size`` px canvas, 2000 from the
-      Fashion-MNIST train split, scene seed ``seed``), unlabeled, no val: the images a semi-supervised
-      segmentation run of the same seed and size trains on, for pretraining on them.
+    * ``fmnist_scenes``: the built-in segmentation scenes (``decode_size`` px canvas, ``scenes`` from the
+      Fashion-MNIST train split, scene seed ``seed``), unlabeled, no val: with the default 2000 the images a
+      semi-supervised segmentation run of the same seed and size trains on, for pretraining on them; more are
+      other scenes of the same train items (no val scene's items: those come from the test split).
     """
     if source == "fmnist_scenes":
         images, labels = fashion_mnist.load_fashion_mnist("train", root)
-        scenes, _ = make_scenes(images, labels, TRAIN_SCENES, canvas=decode_size, seed=seed)
-        scenes = scenes.expand(-1, 3, -1, -1) if in_chans == 3 else scenes
-        return Splits(TensorDataset(scenes, torch.full((len(scenes),), -1)), None)
+        canvases, _ = make_scenes(images, labels, scenes, canvas=decode_size, seed=seed)
+        canvases = canvases.expand(-1, 3, -1, -1) if in_chans == 3 else canvases
+        return Splits(TensorDataset(canvases, torch.full((len(canvases),), -1)), None)
     if source == "fashion_mnist":
         images, labels = fashion_mnist.load_fashion_mnist("train", root)
         test_images, test_labels = fashion_mnist.load_fashion_mnist("test", root)
