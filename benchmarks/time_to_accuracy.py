@@ -17,7 +17,7 @@ AdamW), on the recipe's exact shapes.
 Usage (2 CPU cores; one 400-step budget ~5 min + ~2 min of k-NN):
     python benchmarks/time_to_accuracy.py --budgets 400,800 --seeds 0,1
     python benchmarks/time_to_accuracy.py --budgets 400 --seeds 0 --precision 32-true   # the fp32 reference
-    python benchmarks/time_to_accuracy.py --step_ratio_only
+    python benchmarks/time_to_accuracy.py --step_ratio_only [--compile] --out X.json
 Writes benchmarks/results/time_to_accuracy[_TAG].json (rows are merged into an existing file, so budgets
 and seeds can be run in separate calls).
 """
@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -70,8 +72,9 @@ def full_knn(encoder_dir: Path, dtype: torch.dtype | None) -> tuple[float, float
     return top1, time.perf_counter() - start
 
 
-def step_ratio(precision: str, steps: int = 8) -> dict[str, Any]:
-    """Median ms per training step of the recipe's model: ssl_kit's setting vs a straightforward one."""
+def step_ratio(precision: str, steps: int = 8, compiled: bool = False) -> dict[str, Any]:
+    """Median ms per training step of the recipe's model: ssl_kit's setting vs a straightforward one; with
+    ``compiled`` also ssl_kit's setting under ``torch.compile`` (inductor) and the seconds its first step takes."""
     from timm.layers import use_fused_attn
     from timm.models.vision_transformer import Attention
 
@@ -96,17 +99,20 @@ def step_ratio(precision: str, steps: int = 8) -> dict[str, Any]:
         model.select_attention_kernels("cpu")
         return model, make_optimizer(model, "ssl_kit")
 
-    def time_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, autocast: torch.dtype | None) -> list[float]:
-        times = []
-        for _ in range(steps + 2):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
-                loss = model(images)[0]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-        return times[2:]
+    def one_step(model: torch.nn.Module, opt: torch.optim.Optimizer, autocast: torch.dtype | None,
+                 forward: Callable[[torch.Tensor], Any] | None = None) -> float:
+        """Seconds of one training step (``forward``: a compiled model, else the model itself)."""
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = (forward if forward is not None else model)(images)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    def time_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, autocast: torch.dtype | None,
+                   forward: Callable[[torch.Tensor], Any] | None = None) -> list[float]:
+        return [one_step(model, opt, autocast, forward) for _ in range(steps + 2)][2:]
 
     ours, base = make(False), make(True)
     ours_ms, base_ms = [], []
@@ -114,9 +120,22 @@ def step_ratio(precision: str, steps: int = 8) -> dict[str, Any]:
         ours_ms += [1e3 * t for t in time_steps(*ours, dtype)]
         base_ms += [1e3 * t for t in time_steps(*base, None)]
     ours_med, base_med = statistics.median(ours_ms), statistics.median(base_ms)
-    return {"precision": str(dtype or torch.float32), "ssl_kit_ms_per_step": round(ours_med, 1),
-            "straightforward_fp32_ms_per_step": round(base_med, 1), "speedup": round(base_med / ours_med, 3),
-            "shape": "MAE recipe: ViT 192 wide, depth 6, 32 px, patch 4, 1 channel, decoder 128 x 2, batch 256"}
+    result = {"precision": str(dtype or torch.float32), "ssl_kit_ms_per_step": round(ours_med, 1),
+              "straightforward_fp32_ms_per_step": round(base_med, 1), "speedup": round(base_med / ours_med, 3),
+              "shape": "MAE recipe: ViT 192 wide, depth 6, 32 px, patch 4, 1 channel, decoder 128 x 2, batch 256"}
+    if compiled:
+        model, opt = make(False)
+        forward = torch.compile(model)
+        compile_s = one_step(model, opt, dtype, forward)  # the first call compiles
+        compiled_ms, eager_ms = [], []
+        for _ in range(2):  # interleaved with the eager model, as above
+            compiled_ms += [1e3 * t for t in time_steps(model, opt, dtype, forward)]
+            eager_ms += [1e3 * t for t in time_steps(*ours, dtype)]
+        compiled_med, eager_med = statistics.median(compiled_ms), statistics.median(eager_ms)
+        result.update(compile_first_step_s=round(compile_s, 1), compiled_ms_per_step=round(compiled_med, 1),
+                      eager_ms_per_step_same_run=round(eager_med, 1), compiled_speedup=round(eager_med / compiled_med, 3),
+                      compile_pays_after_steps=round(compile_s / max((eager_med - compiled_med) / 1e3, 1e-9)))
+    return result
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,13 +167,17 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="score existing run folders (with their recorded wall_s.txt) instead of pretraining again")
     parser.add_argument("--step_ratio_only", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the recipe's model under torch.compile, and its compile time")
     parser.add_argument("--out", default=str(RESULTS / "time_to_accuracy.json"))
     parser.add_argument("overrides", nargs="*", help="extra ssl-pretrain overrides (after --)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
     result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    result["step_ratio"] = step_ratio(args.precision)
+    if args.compile:  # a cold compile, as a user's first run has: an empty inductor cache of its own
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tta_inductor_")
+    result["step_ratio"] = step_ratio(args.precision, compiled=args.compile)
     print("per step:", result["step_ratio"], flush=True)
     if not args.step_ratio_only:
         dtype = feature_dtype(args.precision)
