@@ -78,6 +78,12 @@ def steps_per_epoch(trainer: pl.Trainer) -> float:
     return max(batches // trainer.accumulate_grad_batches, 1)
 
 
+def linear_ramp(step: int | float, ramp_epochs: float, trainer: pl.Trainer) -> float:
+    """Loss-weight multiplier ``min(1, (step + 1) / R)`` for the ``step``-th (0-based) step of a ramp over
+    ``ramp_epochs`` epochs of optimizer steps, R at least 1 (0 epochs: full weight at once)."""
+    return min(1.0, (step + 1) / max(ramp_epochs * steps_per_epoch(trainer), 1.0))
+
+
 def short_epoch_note(trainer: pl.Trainer) -> str | None:
     """A warning when the data hold fewer batches than ``--trainer.limit_train_batches`` asks for per epoch (e.g. a
     recipe sized for 60k images run on 2000): the run then trains fewer steps than the recipe says."""

@@ -83,6 +83,8 @@ class ImageDataModule(pl.LightningDataModule):
     Args are documented on the subclasses.
     """
 
+    train_scenes: int = TRAIN_SCENES  # built-in scenes made for ``fmnist_scenes`` (PretrainDataModule sets its own)
+
     def __init__(
         self, root: str | None, dataset: str, img_size: int, in_chans: int | None, batch_size: int,
         num_workers: int | None, decode_size: int | None, val_fraction: float, verify_images: bool, seed: int,
@@ -99,7 +101,6 @@ class ImageDataModule(pl.LightningDataModule):
         if self.in_chans not in (1, 3):
             raise UserError(f"--data.in_chans must be 1 (grayscale) or 3 (RGB), got {self.in_chans}.")
         self.batch_size = batch_size
-        self.train_scenes = TRAIN_SCENES  # built-in scenes made for ``fmnist_scenes`` (pretraining sets its own)
         self.num_workers = num_workers if num_workers is not None else default_num_workers(self.source)
         # scenes are made at the model's size (the canvas the segmentation module uses); files are decoded larger
         self.decode_size = decode_size or (img_size if self.source == "fmnist_scenes" else round(img_size / 0.875))

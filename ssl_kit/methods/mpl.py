@@ -31,7 +31,7 @@ from ssl_kit.callbacks import PseudoLabelPictures
 from ssl_kit.errors import UserError
 from ssl_kit.losses.semi import centred_feedback, uda_consistency
 from ssl_kit.methods.classifier import SemiSupervisedClassifier, build_classifier, classifier_param_groups
-from ssl_kit.optim import effective_batch_size, scaled_lr, steps_per_epoch, warmup_cosine
+from ssl_kit.optim import effective_batch_size, linear_ramp, scaled_lr, steps_per_epoch, warmup_cosine
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings
@@ -289,11 +289,10 @@ class MetaPseudoLabels(SemiSupervisedClassifier):
             self._finetune_step(batch, student_opt)
             return
         step = int(self.steps_done)
-        ramp = max(hp.uda_ramp_epochs * steps_per_epoch(self.trainer), 1.0)
 
         out = meta_pseudo_labels_step(
             self.teacher, self.student, batch["labeled"], batch["unlabeled"],
-            uda_weight=hp.lambda_u * min(1.0, (step + 1) / ramp), temperature=hp.temperature,
+            uda_weight=hp.lambda_u * linear_ramp(step, hp.uda_ramp_epochs, self.trainer), temperature=hp.temperature,
             threshold=hp.threshold, label_smoothing=hp.label_smoothing, soft_pseudo_labels=hp.soft_pseudo_labels,
             update_student=lambda loss: self._update(student_opt, student_sched, loss),
             update_teacher=lambda loss: self._update(teacher_opt, teacher_sched, loss),

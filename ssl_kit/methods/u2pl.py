@@ -23,7 +23,7 @@ from ssl_kit.losses.u2pl import (
 )
 from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import encoder_and_head_groups, pretrained_or_random
-from ssl_kit.optim import steps_per_epoch
+from ssl_kit.optim import linear_ramp, steps_per_epoch
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings, require
@@ -203,9 +203,8 @@ class U2PL(StudentTeacherMethod):
         hp = self.hparams
         if hp.unsup_ramp_epochs <= 0 or self._trainer is None:
             return 1.0
-        per_epoch = steps_per_epoch(self.trainer)
-        since_warmup = self.global_step - hp.sup_only_epochs * per_epoch
-        return min(1.0, max(since_warmup + 1, 1) / max(hp.unsup_ramp_epochs * per_epoch, 1.0))
+        since_warmup = self.global_step - hp.sup_only_epochs * steps_per_epoch(self.trainer)
+        return linear_ramp(max(since_warmup, 0), hp.unsup_ramp_epochs, self.trainer)
 
     def current_alpha(self) -> float:
         """alpha_t in percent for the current epoch."""
