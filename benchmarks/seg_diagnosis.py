@@ -138,11 +138,9 @@ def confidence_table(probs: torch.Tensor, target: torch.Tensor) -> list[dict[str
 @torch.no_grad()
 def pseudo_label_check(checkpoint: str, scenes: int = 400) -> dict:
     """A segmenter's teacher on the first ``scenes`` unlabeled train scenes of its run (its config.yaml)."""
-    from seg_errors import run_scenes  # same folder
+    from seg_errors import load_run  # same folder
 
-    model = U2PL.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    dm = SegmentationDataModule(**{"img_size": model.hparams.img_size, **run_scenes(checkpoint)}, unlabeled_ratio=0)
-    dm.setup("fit")
+    model, dm, _ = load_run(checkpoint)
     labeled = set(dm.subset_indices)
     unlabeled = [i for i in range(len(dm.full_train)) if i not in labeled][:scenes]
     images, masks = map(torch.stack, zip(*[dm.full_train[i] for i in unlabeled]))

@@ -85,6 +85,15 @@ def run_scenes(checkpoint: str) -> dict:
     return {key: data[key] for key in SCENE_ARGS if data.get(key) is not None}
 
 
+def load_run(checkpoint: str) -> tuple[U2PL, SegmentationDataModule, dict]:
+    """The segmenter of ``checkpoint`` (eval mode), a set-up data module with its run's scenes, and those settings."""
+    model = U2PL.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    scenes = {"img_size": model.hparams.img_size, "labeled_images": None, **run_scenes(checkpoint)}
+    dm = SegmentationDataModule(**scenes, unlabeled_ratio=0)
+    dm.setup("fit")
+    return model, dm, scenes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -93,11 +102,8 @@ def main() -> None:
     parser.add_argument("--max_scenes", type=int, default=500, help="labeled training scenes scored with --split train")
     parser.add_argument("--result", default="seg_errors.json")
     args = parser.parse_args()
-    model = U2PL.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    model, dm, scenes = load_run(args.checkpoint)
     k = model.hparams.num_classes
-    scenes = {"img_size": model.hparams.img_size, "labeled_images": None, **run_scenes(args.checkpoint)}
-    dm = SegmentationDataModule(**scenes, unlabeled_ratio=0)
-    dm.setup("fit")
     if args.split == "train":
         subset = torch.utils.data.Subset(dm.full_train, dm.subset_indices[:args.max_scenes])  # scenes it trained on
         loader = torch.utils.data.DataLoader(subset, batch_size=64)
