@@ -19,9 +19,9 @@ from pathlib import Path
 from sweep import init_args, load_results, parse_sweep_args, run_and_record, sweep_parser
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
-PROTOCOL = ("val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 11 classes) of the teacher after the "
-            "shipped recipe (8 epochs x 25 steps, 8 labeled [+ 8 unlabeled] scenes per step, ViT-Tiny width depth 6, "
-            "patch 4, progressive upsampling head)")
+PROTOCOL = ("val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 11 classes) of the teacher after each "
+            "row's command: the shipped recipe (labeled [+ as many unlabeled] scenes per step, ViT-Tiny width depth 6, "
+            "progressive upsampling head) with the overrides written in that command")
 
 
 def main() -> None:
