@@ -2,8 +2,10 @@
 
 From one pretrained checkpoint (e.g. the default MAE recipe's), train ``--epochs`` more epochs of
 the same recipe twice from the same weights and seed: without and with the Q-score regulariser
-(``--qscore``, lambda_1 = lambda_2 = ``--lambda_``). Then ``ssl-qscore`` on each: sparsity of the
-[CLS] features (|h| < 0.05), cached-feature linear-probe top-1 (all labels, test split), and how
+(``ssl_kit.qscore.QScoreRegularizer``, lambda_1 = lambda_2 = ``--lambda_`` unless ``--lambda1`` /
+``--lambda2``). Then ``ssl-qscore`` on each: sparsity of the readout's features in the scored space
+(``sparsity``; entries < 0.05) and of the features as they are (``sparsity_raw``: |h| < 0.05),
+cached-feature linear-probe top-1 (all labels, test split), and how
 well Q-score predicts the probe's correctness (AUROC, AUPRC). Paper: sparsity 35 % -> 52 %,
 +3.26 % relative linear accuracy (SimCLR, ImageNet-100), AUPRC about 0.9.
 
