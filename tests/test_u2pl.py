@@ -347,3 +347,27 @@ def test_layer_decay_gives_each_encoder_block_its_own_lr_and_the_head_ten_times(
     assert lr_of[id(encoder.patch_embed.proj.weight)] == pytest.approx(lr * layer_decay ** (3 if layer_decay < 1 else 0))
     assert lr_of[id(model.student.head.classifier[1].weight)] == pytest.approx(10 * lr)
     assert {id(p) for p in model.student.parameters() if p.requires_grad} == set(lr_of)  # each trainable one, once
+
+
+def test_segmenter_on_the_relative_position_encoder_has_no_position_embedding_and_reloads(tmp_path):
+    """`--model.encoder vit_irpe_patch16_224` (LoMaR's timm ViT with contextual relative position encoding, no
+    absolute position embedding): the segmenter builds, its output has the image's size, and its exported
+    encoder starts another segmenter at another patch size (`--model.init_from`), weights and RPE tables intact."""
+    from ssl_kit.encoders import export_encoder
+    from ssl_kit.encoders.rpe import IRPE_MODEL
+    from ssl_kit.methods import U2PL
+
+    kwargs = dict(encoder=IRPE_MODEL, encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, img_size=64,
+                  in_chans=1, head_dim=16, rep_dim=8, memory_size=4)
+    model = U2PL(**kwargs, patch_size=8, num_upsample=1)
+    assert model.encoder.pos_embed is None and model.encoder_spec.timm_name == IRPE_MODEL
+    with torch.no_grad():
+        model.encoder.blocks[0].attn.rpe.table.normal_()
+    assert model.student(torch.randn(2, 1, 64, 64)).logits.shape == (2, 11, 64, 64)
+    export_encoder(model.encoder, model.encoder_spec, tmp_path / "encoder")
+    reloaded = U2PL(init_from=str(tmp_path / "encoder"), img_size=64, in_chans=1, head_dim=16, rep_dim=8,
+                    memory_size=4, patch_size=4, num_upsample=2)
+    assert reloaded.encoder.pos_embed is None and reloaded.encoder.patch_embed.patch_size == (4, 4)
+    assert torch.equal(reloaded.encoder.blocks[0].attn.rpe.table, model.encoder.blocks[0].attn.rpe.table)
+    assert torch.equal(reloaded.encoder.blocks[0].mlp.fc1.weight, model.encoder.blocks[0].mlp.fc1.weight)
+    assert reloaded.student(torch.randn(2, 1, 64, 64)).logits.shape == (2, 11, 64, 64)
