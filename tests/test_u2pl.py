@@ -357,16 +357,15 @@ def test_segmenter_on_the_relative_position_encoder_has_no_position_embedding_an
     from ssl_kit.encoders.rpe import IRPE_MODEL
     from ssl_kit.methods import U2PL
 
-    kwargs = dict(encoder=IRPE_MODEL, encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, img_size=64,
-                  in_chans=1, head_dim=16, rep_dim=8, memory_size=4)
-    model = U2PL(**kwargs, patch_size=8, num_upsample=1)
+    sizes = dict(img_size=64, in_chans=1, head_dim=16, rep_dim=8, memory_size=4)
+    model = U2PL(encoder=IRPE_MODEL, encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, **sizes,
+                 patch_size=8, num_upsample=1)
     assert model.encoder.pos_embed is None and model.encoder_spec.timm_name == IRPE_MODEL
     with torch.no_grad():
         model.encoder.blocks[0].attn.rpe.table.normal_()
     assert model.student(torch.randn(2, 1, 64, 64)).logits.shape == (2, 11, 64, 64)
     export_encoder(model.encoder, model.encoder_spec, tmp_path / "encoder")
-    reloaded = U2PL(init_from=str(tmp_path / "encoder"), img_size=64, in_chans=1, head_dim=16, rep_dim=8,
-                    memory_size=4, patch_size=4, num_upsample=2)
+    reloaded = U2PL(init_from=str(tmp_path / "encoder"), **sizes, patch_size=4, num_upsample=2)
     assert reloaded.encoder.pos_embed is None and reloaded.encoder.patch_embed.patch_size == (4, 4)
     assert torch.equal(reloaded.encoder.blocks[0].attn.rpe.table, model.encoder.blocks[0].attn.rpe.table)
     assert torch.equal(reloaded.encoder.blocks[0].mlp.fc1.weight, model.encoder.blocks[0].mlp.fc1.weight)
