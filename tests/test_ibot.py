@@ -10,7 +10,7 @@ import yaml
 
 from ssl_kit.cli import resolve_recipe
 from ssl_kit.encoders import block_mask, random_count_mask
-from ssl_kit.losses.distillation import IBOTLoss
+from ssl_kit.losses.distillation import IBOTLoss, teacher_entropies
 from ssl_kit.methods import IBOT
 from ssl_kit.methods.ibot import teacher_temperature
 from ssl_kit.teacher import EMATeacher
@@ -168,3 +168,37 @@ def test_teacher_is_exported_and_frozen_weight_norm_magnitude():
     assert not model.ema_teacher.training and not model.ema_teacher_head.training  # from construction on
     model.train()
     assert model.encoder.training and not model.ema_teacher.training  # teacher runs without drop-path
+
+
+def test_teacher_entropies_pinned_by_hand_between_the_two_collapses():
+    # uniform: every image's distribution and their mean are uniform -> 1, 1
+    assert [float(v) for v in teacher_entropies(torch.zeros(4, 8), torch.zeros(1, 8), 0.07)] == pytest.approx([1, 1])
+    # two images, each sure of its own prototype of 4: per image 0, mean [1/2, 1/2, 0, 0] -> log 2 / log 4 = 0.5
+    logits = torch.full((2, 4), -50.0)
+    logits[0, 0] = logits[1, 1] = 50.0
+    assert [float(v) for v in teacher_entropies(logits, torch.zeros(1, 4), 0.1)] == pytest.approx([0, 0.5], abs=1e-6)
+    # the center is subtracted before the temperature: centring the same row leaves the uniform distribution
+    row = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert float(teacher_entropies(row, row, 0.04)[0]) == pytest.approx(1.0)
+    # one image, p = softmax([log 3, 0] / 1) = [3/4, 1/4]: H = -(3/4 log 3/4 + 1/4 log 1/4) / log 2 = 0.8113
+    two = torch.tensor([[torch.log(torch.tensor(3.0)), 0.0]])
+    assert float(teacher_entropies(two, torch.zeros(1, 2), 1.0)[0]) == pytest.approx(0.811278, abs=1e-5)
+
+
+def test_uniform_teacher_logs_its_entropy_and_warns_of_the_collapse(caplog):
+    model = tiny_ibot(teacher_temp=0.07, warmup_teacher_temp_epochs=0)
+    with torch.no_grad():  # a teacher whose [CLS] logits are the same for every image: centering makes them uniform
+        model.ema_teacher_head.last_layer.parametrizations.weight.original0.zero_()
+    model.log_dict = lambda values, **kw: logged.update(values)
+    logged: dict = {}
+    model.on_train_epoch_start()
+    model.training_step((views(), torch.zeros(3)), 0)
+    assert float(logged["teacher_entropy"]) == pytest.approx(1.0) and float(logged["teacher_marginal_entropy"]) == pytest.approx(1.0)
+    with caplog.at_level("WARNING", logger="ssl_kit"):
+        model.on_train_epoch_end()
+    assert "nearly uniform" in caplog.text and "--model.teacher_temp" in caplog.text
+    caplog.clear()
+    model.on_train_epoch_start()  # a fresh epoch without steps warns of nothing
+    with caplog.at_level("WARNING", logger="ssl_kit"):
+        model.on_train_epoch_end()
+    assert caplog.text == ""

@@ -83,3 +83,34 @@ class IBOTLoss(nn.Module):
                 dist.all_reduce(t)  # no gradient flows here: statistics only
         self.center.mul_(self.center_momentum).add_(cls_sum / count, alpha=1 - self.center_momentum)
         self.center2.mul_(self.center_momentum2).add_(patch_sum / count, alpha=1 - self.center_momentum2)
+
+
+@torch.no_grad()
+def teacher_entropies(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> tuple[Tensor, Tensor]:
+    """How the teacher's centred, sharpened distributions sit between the two collapses of self-distillation.
+
+    Both entropies are divided by ``log K`` (1 = uniform over the K prototypes, 0 = one prototype):
+
+    * per image: the mean entropy of ``softmax((t - c) / tau)``. Near 1 the teacher says the same uniform
+      thing for every image (centering has won over sharpening: the "uniform" collapse, where the [CLS]
+      loss sits at ``log K``);
+    * marginal: the entropy of the batch mean of those distributions. Near 0 every image lands on the same
+      few prototypes (sharpening has won: the "one dimension" collapse).
+
+    A working run has a low per-image and a high marginal entropy (DINO, Caron et al. 2021, section 5.3).
+
+    Args:
+        teacher_logits: ``[N, K]`` teacher [CLS] logits.
+        center: ``[1, K]`` the center subtracted before the temperature.
+        teacher_temp: tau.
+
+    Returns:
+        (per-image, marginal) normalised entropies, scalars in [0, 1].
+    """
+    probs = F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+    log_k = torch.log(torch.tensor(float(probs.shape[-1]), device=probs.device))
+
+    def entropy(p: Tensor) -> Tensor:
+        return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1)
+
+    return entropy(probs).mean() / log_k, entropy(probs.mean(dim=0)) / log_k

@@ -1,6 +1,7 @@
 """iBOT: masked image modelling with an online tokenizer (Zhou et al. 2022), METHODS.md section 3."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,11 +13,19 @@ from timm.models.vision_transformer import VisionTransformer
 from ssl_kit.callbacks import ReconstructionPictures
 from ssl_kit.encoders import EncoderSpec, block_mask, build_encoder, random_count_mask
 from ssl_kit.heads.projection import IBOTHead
-from ssl_kit.losses.distillation import IBOTLoss
+from ssl_kit.losses.distillation import IBOTLoss, teacher_entropies
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.optim import cosine_schedule
 from ssl_kit.teacher import EMATeacher, make_ema_copy
 from ssl_kit.validation import check_settings, require
+
+log = logging.getLogger("ssl_kit")
+
+# epoch means of the teacher's normalised [CLS] entropies (``teacher_entropies``) beyond which the run warns of a
+# collapse: the short recipe's teacher (temperature 0.07) ended its 175- and 700-step runs at 0.99 per image (its
+# [CLS] loss 6.90 of log K 6.93 from the first epoch at 0.07 on), with its k-NN flat from there
+UNIFORM_COLLAPSE_ENTROPY = 0.9
+ONE_PROTOTYPE_ENTROPY = 0.1
 
 
 def teacher_temperature(epoch: int, warmup_epochs: int, start: float, end: float) -> float:
@@ -119,6 +128,7 @@ class IBOT(SSLMethod):
         self.ema_teacher_head = make_ema_copy(self.head).eval()
         self.criterion = IBOTLoss(out_dim, student_temp, center_momentum, center_momentum2)
         self.grid: tuple[int, int] = tuple(self.encoder.patch_embed.grid_size)  # type: ignore[assignment]
+        self.entropy_sums = torch.zeros(3)  # this epoch's teacher entropies (per image, marginal) and steps
 
     # ------------------------------------------------------------------ structure
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -210,10 +220,34 @@ class IBOT(SSLMethod):
         out = self(views)
         b = views[0].shape[0]
         loss = self.report_loss(out["loss"], b)
+        per_image, marginal = teacher_entropies(out["teacher_cls"].flatten(0, 1), self.criterion.center,
+                                                self.teacher_temperatures()[0])  # with the center the loss used
         self.criterion.update_centers(out["teacher_cls"], out["teacher_patch"])  # after the loss
-        self.log_dict({"cls_loss": out["cls_loss"], "patch_loss": out["patch_loss"]}, on_step=True, on_epoch=True,
-                      batch_size=b)
+        self.log_dict({"cls_loss": out["cls_loss"], "patch_loss": out["patch_loss"], "teacher_entropy": per_image,
+                       "teacher_marginal_entropy": marginal}, on_step=True, on_epoch=True, batch_size=b)
+        self.entropy_sums = self.entropy_sums.to(per_image.device) + torch.stack([per_image, marginal,
+                                                                                  torch.ones_like(per_image)])
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.entropy_sums = torch.zeros(3)  # per-image entropy, marginal entropy, steps of this epoch
+
+    def on_train_epoch_end(self) -> None:
+        """Warn when the epoch's teacher [CLS] distributions sit at either collapse (see ``teacher_entropies``)."""
+        per_image, marginal, steps = self.entropy_sums.tolist()
+        if steps == 0 or self.global_rank != 0:
+            return
+        per_image, marginal = per_image / steps, marginal / steps
+        if per_image > UNIFORM_COLLAPSE_ENTROPY:
+            log.warning("epoch %d: the teacher's [CLS] distribution is nearly uniform for every image (normalised "
+                        "entropy %.3f > %.1f; the [CLS] loss sits near log K): centering outweighs sharpening and the "
+                        "[CLS] loss teaches the student almost nothing. A lower --model.teacher_temp sharpens the "
+                        "teacher (what it did in the short recipe: recipes/ibot.yaml).",
+                        self.current_epoch, per_image, UNIFORM_COLLAPSE_ENTROPY)
+        elif marginal < ONE_PROTOTYPE_ENTROPY:
+            log.warning("epoch %d: the teacher puts nearly every image on the same prototypes (normalised entropy "
+                        "of the batch mean %.3f < %.1f): sharpening outweighs centering. Raise --model.teacher_temp "
+                        "or lower --model.center_momentum.", self.current_epoch, marginal, ONE_PROTOTYPE_ENTROPY)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Per-step cosine weight decay (0.04 -> 0.4) on the decayed groups."""
