@@ -63,7 +63,7 @@ def main() -> None:
                 run_dir = Path(args.runs) / name
                 cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir), "--seed_everything", str(seed),
                        "--data.seed", str(seed), "--trainer.enable_progress_bar", "false",
-                       *init_args(init, args.mae_encoder), *args.overrides]
+                       *init_args(init, args), *args.overrides]
                 run_and_record(cmd, run_dir, METRICS, result, name, out, method=method, init=init, seed=seed)
                 plot(result, out.with_suffix(".png"))
 

@@ -49,11 +49,12 @@ def record_run(run_dir: Path, metrics: list[str], result: dict, name: str, out: 
 
 
 def sweep_parser(doc: str, methods: list[str], runs: str, result: str, inits: list[str]) -> argparse.ArgumentParser:
-    """The options every sweep takes: where the MAE encoder is, which inits / methods, where runs and results go,
-    and extra ``ssl-pretrain`` overrides."""
+    """The options every sweep takes: where the pretrained encoders are, which inits / methods, where runs and results
+    go, and extra ``ssl-pretrain`` overrides."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mae_encoder", help="encoder export of an MAE run (needed for --inits mae)")
-    parser.add_argument("--inits", nargs="+", default=inits, choices=["random", "mae"])
+    parser.add_argument("--lomar_encoder", help="encoder export of a LoMaR run (relative-position ViT; for --inits lomar)")
+    parser.add_argument("--inits", nargs="+", default=inits, choices=["random", "mae", "lomar"])
     parser.add_argument("--methods", nargs="+", default=methods)
     parser.add_argument("--runs", default=runs)
     parser.add_argument("--result", default=result)
@@ -63,11 +64,13 @@ def sweep_parser(doc: str, methods: list[str], runs: str, result: str, inits: li
 
 def parse_sweep_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
-    if "mae" in args.inits and not args.mae_encoder:
-        parser.error("--inits mae needs --mae_encoder")
+    for init in ("mae", "lomar"):
+        if init in args.inits and not getattr(args, f"{init}_encoder"):
+            parser.error(f"--inits {init} needs --{init}_encoder")
     return args
 
 
-def init_args(init: str, mae_encoder: str | None) -> list[str]:
-    """``ssl-pretrain`` arguments for a start: nothing for random init, ``--model.init_from`` for MAE."""
-    return ["--model.init_from", mae_encoder] if init == "mae" else []
+def init_args(init: str, args: argparse.Namespace) -> list[str]:
+    """``ssl-pretrain`` arguments for a start: nothing for random init, ``--model.init_from`` the MAE or LoMaR export
+    (which brings its own architecture) otherwise."""
+    return [] if init == "random" else ["--model.init_from", getattr(args, f"{init}_encoder")]

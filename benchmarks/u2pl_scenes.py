@@ -36,7 +36,7 @@ def main() -> None:
                 name = f"{method}_{labeled}lab_{init}"
                 run_dir = Path(args.runs) / name
                 cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir),
-                       "--data.labeled_images", str(labeled), *init_args(init, args.mae_encoder), *args.overrides]
+                       "--data.labeled_images", str(labeled), *init_args(init, args), *args.overrides]
                 run_and_record(cmd, run_dir, ["val_miou"], result, name, out, method=method, labeled_images=labeled,
                                init=init)
 
