@@ -9,10 +9,14 @@ are written after every run, so a partial sweep keeps its rows.
 
 Usage:
     python benchmarks/u2pl_scenes.py --mae_encoder runs/mae/TIME/encoder --labeled 125 500
-Writes benchmarks/results/u2pl_scenes/u2pl_scenes.json.
+    python benchmarks/u2pl_scenes.py --plot u2pl_scenes_lomar_s0.json u2pl_scenes_lomar_classrank_s0.json \
+        --result u2pl_scenes_lomar.json       # only the curves of earlier results, into u2pl_scenes_lomar.png
+Writes benchmarks/results/u2pl_scenes/u2pl_scenes.json and its per-validation curves as u2pl_scenes.png.
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,9 +28,41 @@ PROTOCOL = ("val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 
             "progressive upsampling head) with the overrides written in that command")
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Val mIoU of the teacher against optimizer steps for every run of ``results``: one colour per seed, U2PL solid,
+    the supervised segmenter dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for result in results:
+        for name, row in sorted(result["runs"].items()):
+            seed = re.search(r"--seed_everything (\d+)", " ".join(row["command"]) if isinstance(row["command"], list)
+                             else row["command"])
+            seed = int(seed.group(1)) if seed else 0
+            ax.plot(row["curve_steps"], row["val_miou_per_epoch"], color=f"C{seed}", marker=".",
+                    linestyle="--" if row.get("method") == "seg_supervised" else "-", label=f"{name} seed {seed}")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("val mIoU of the teacher (500 val scenes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = sweep_parser(__doc__, ["seg_supervised", "u2pl"], "runs/bench_u2pl", "u2pl_scenes.json", ["random", "mae"])
     parser.add_argument("--labeled", type=int, nargs="+", default=[125, 500], help="labeled train scenes (of 2000)")
+    parser.add_argument("--plot", nargs="+", metavar="RESULT",
+                        help="run nothing: draw the curves of these result files (in the results folder) into the "
+                             "PNG named by --result")
+    if (plot_only := parser.parse_args().plot):
+        plot([json.loads((RESULTS / name).read_text()) for name in plot_only],
+             (RESULTS / parser.parse_args().result).with_suffix(".png"))
+        return
     args = parse_sweep_args(parser)
     out = RESULTS / args.result
     result = load_results(out, PROTOCOL)
@@ -39,6 +75,7 @@ def main() -> None:
                        "--data.labeled_images", str(labeled), *init_args(init, args), *args.overrides]
                 run_and_record(cmd, run_dir, ["val_miou"], result, name, out, method=method, labeled_images=labeled,
                                init=init)
+                plot([result], out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
