@@ -28,26 +28,28 @@ PROTOCOL = ("val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 
             "progressive upsampling head) with the overrides written in that command")
 
 
-def plot(results: list[dict], path: Path) -> None:
-    """Val mIoU of the teacher against optimizer steps for every run of ``results``: one colour per seed, U2PL solid,
-    the supervised segmenter dashed."""
+def plot(results: dict[str, dict], path: Path) -> None:
+    """Val mIoU of the teacher against optimizer steps for every run of ``results`` (result file stem -> result):
+    one colour per seed, one marker per variant (the stem without its seed), U2PL solid, supervised dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for result in results:
+    variants = sorted({re.sub(r"_s\d+$", "", stem) for stem in results})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for stem, result in results.items():
+        variant = re.sub(r"_s\d+$", "", stem)
         for name, row in sorted(result["runs"].items()):
-            seed = re.search(r"--seed_everything (\d+)", " ".join(row["command"]) if isinstance(row["command"], list)
-                             else row["command"])
-            seed = int(seed.group(1)) if seed else 0
-            ax.plot(row["curve_steps"], row["val_miou_per_epoch"], color=f"C{seed}", marker=".",
-                    linestyle="--" if row.get("method") == "seg_supervised" else "-", label=f"{name} seed {seed}")
+            found = re.search(r"--seed_everything (\d+)", str(row["command"]))
+            seed = int(found.group(1)) if found else 0
+            ax.plot(row["curve_steps"], row["val_miou_per_epoch"], color=f"C{seed}", marker=".x^sv"[
+                variants.index(variant) % 5], linestyle="--" if row.get("method") == "seg_supervised" else "-",
+                label=f"{variant.removeprefix('u2pl_scenes_')} {name} seed {seed}")
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("val mIoU of the teacher (500 val scenes)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -60,7 +62,7 @@ def main() -> None:
                         help="run nothing: draw the curves of these result files (in the results folder) into the "
                              "PNG named by --result")
     if (plot_only := parser.parse_args().plot):
-        plot([json.loads((RESULTS / name).read_text()) for name in plot_only],
+        plot({Path(name).stem: json.loads((RESULTS / name).read_text()) for name in plot_only},
              (RESULTS / parser.parse_args().result).with_suffix(".png"))
         return
     args = parse_sweep_args(parser)
@@ -75,7 +77,7 @@ def main() -> None:
                        "--data.labeled_images", str(labeled), *init_args(init, args), *args.overrides]
                 run_and_record(cmd, run_dir, ["val_miou"], result, name, out, method=method, labeled_images=labeled,
                                init=init)
-                plot([result], out.with_suffix(".png"))
+                plot({out.stem: result}, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
