@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sweep import init_args, load_results, parse_sweep_args, run_and_record, sweep_parser
+from sweep import init_args, load_results, parse_sweep_args, run_and_record, save_curves, sweep_parser
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 PROTOCOL = ("val COCO mAP / mAP@50 of the EMA teacher and of the student (300 val scenes from the Fashion-MNIST "
@@ -40,13 +40,7 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(steps, row["val_map50_per_epoch"], color=colour, label=name)
         if row.get("val_map50_student_per_epoch"):
             ax.plot(steps, row["val_map50_student_per_epoch"], color=colour, linestyle="--")
-    ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("val mAP@50 (solid: teacher, dashed: student)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_curves(fig, ax, "val mAP@50 (solid: teacher, dashed: student)", path)
 
 
 def main() -> None:

@@ -74,3 +74,16 @@ def init_args(init: str, args: argparse.Namespace) -> list[str]:
     """``ssl-pretrain`` arguments for a start: nothing for random init, ``--model.init_from`` the MAE or LoMaR export
     (which brings its own architecture) otherwise."""
     return [] if init == "random" else ["--model.init_from", getattr(args, f"{init}_encoder")]
+
+
+def save_curves(fig, ax, ylabel: str, path: Path, legend_size: int = 7) -> None:
+    """Finish a curves-against-steps figure of a sweep (labels, grid, legend) and write it as a PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from sweep import init_args, load_results, parse_sweep_args, run_and_record, sweep_parser
+from sweep import init_args, load_results, parse_sweep_args, run_and_record, save_curves, sweep_parser
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 PROTOCOL = ("val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 11 classes) of the teacher after each "
@@ -46,13 +46,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
             ax.plot(row["curve_steps"], row["val_miou_per_epoch"], color=f"C{seed}", marker=".x^sv"[
                 variants.index(variant) % 5], linestyle="--" if row.get("method") == "seg_supervised" else "-",
                 label=f"{variant.removeprefix('u2pl_scenes_')} {name} seed {seed}")
-    ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("val mIoU of the teacher (500 val scenes)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_curves(fig, ax, "val mIoU of the teacher (500 val scenes)", path, legend_size=6)
 
 
 def main() -> None:
