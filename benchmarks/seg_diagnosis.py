@@ -108,8 +108,9 @@ def feature_checks(encoder: str | None) -> dict[str, dict[str, float]]:
     single32 = SegmentationDataModule(labeled_images=2000, unlabeled_ratio=0, img_size=32, objects=(1, 1),
                                       object_size=(28, 28), texture=False)
     single32.setup()
-    checks = {"scene_64px_resampled_grid": knn_items(encoder_at(encoder, 64), scenes)}
-    if encoder_at(encoder, 64).pos_embed is not None:  # a relative-position encoder (LoMaR's) has no table to swap
+    scene_vit = encoder_at(encoder, 64)
+    checks = {"scene_64px_resampled_grid": knn_items(scene_vit, scenes)}
+    if scene_vit.pos_embed is not None:  # a relative-position encoder (LoMaR's) has no table to swap
         checks["scene_64px_sincos_16x16"] = knn_items(encoder_at(encoder, 64, sincos=True), scenes)
     return {
         **checks,

@@ -55,9 +55,9 @@ def main() -> None:
     parser.add_argument("--plot", nargs="+", metavar="RESULT",
                         help="run nothing: draw the curves of these result files (in the results folder) into the "
                              "PNG named by --result")
-    if (plot_only := parser.parse_args().plot):
-        plot({Path(name).stem: json.loads((RESULTS / name).read_text()) for name in plot_only},
-             (RESULTS / parser.parse_args().result).with_suffix(".png"))
+    if (early := parser.parse_args()).plot:
+        plot({Path(name).stem: json.loads((RESULTS / name).read_text()) for name in early.plot},
+             (RESULTS / early.result).with_suffix(".png"))
         return
     args = parse_sweep_args(parser)
     out = RESULTS / args.result
