@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from soft_teacher_scenes import METRICS, plot
-from sweep import init_args, load_results, logged_rows, parse_sweep_args, record_run, run_and_record, sweep_parser
+from sweep import (finished_run_wall, init_args, load_results, logged_rows, parse_sweep_args, record_run, run_and_record,
+                   sweep_parser)
 
 RESULTS = Path(__file__).parent / "results" / "soft_teacher_scenes"
 STEPS_PER_EPOCH = 200  # the recipe's limit_train_batches
@@ -39,11 +40,6 @@ def finished(run_dir: Path, epochs: int) -> bool:
     if not (run_dir / "metrics.csv").is_file():
         return False
     return sum(1 for r in logged_rows(run_dir) if r.get(METRICS[0])) >= epochs
-
-
-def wall_of_finished(run_dir: Path) -> float:
-    """Seconds from a run's ``config.yaml`` (written at its start) to its ``checkpoints/last.ckpt`` (its end)."""
-    return (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
 
 
 def main() -> None:
@@ -71,7 +67,7 @@ def main() -> None:
                            "--trainer.enable_progress_bar", "false", *init_args(init, args), *args.overrides]
                     info = dict(labeled_fraction=fraction, steps=steps, init=init, seed=seed)
                     if finished(run_dir, epochs):
-                        record_run(run_dir, METRICS, result, name, out, wall_of_finished(run_dir), " ".join(cmd), **info)
+                        record_run(run_dir, METRICS, result, name, out, finished_run_wall(run_dir), " ".join(cmd), **info)
                     else:
                         run_and_record(cmd, run_dir, METRICS, result, name, out, **info)
                     plot(result, out.with_suffix(".png"))

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sweep import load_results, record_run, run_and_record
+from sweep import finished_run_wall, load_results, record_run, run_and_record
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem
 PROTOCOL = ("ssl-pretrain --recipe seg_supervised_all (8000 labeled 64 px scenes, batch 32, ViT-Tiny width depth 6, patch "
@@ -66,8 +66,8 @@ def main() -> int:
                "--seed_everything", str(seed), "--data.seed", str(seed), *args.overrides]
         last = run_dir / "checkpoints" / "last.ckpt"
         if args.reuse and last.is_file():
-            wall = last.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
-            record_run(run_dir, ["val_miou"], result, name, out, wall, " ".join(cmd), seed=seed, reused=True)
+            record_run(run_dir, ["val_miou"], result, name, out, finished_run_wall(run_dir), " ".join(cmd), seed=seed,
+                       reused=True)
         else:
             run_and_record(cmd, run_dir, ["val_miou"], result, name, out, seed=seed)
         plot(result, out.with_suffix(".png"))

@@ -21,6 +21,12 @@ def load_results(out: Path, protocol: str) -> dict:
     return json.loads(out.read_text()) if out.is_file() else {"protocol": protocol, "runs": {}}
 
 
+def finished_run_wall(run_dir: Path) -> float:
+    """Seconds a finished run took: from its ``config.yaml`` (written at its start) to its ``checkpoints/last.ckpt``
+    (its end), for recording a run folder without rerunning it."""
+    return (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+
+
 def run_and_record(cmd: list[str], run_dir: Path, metrics: list[str], result: dict, name: str, out: Path,
                    **info: object) -> dict:
     """Run ``cmd``; record the last value and the per-epoch curve of each metric, the wall time and the command."""
