@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from soft_teacher_scenes import METRICS, plot
-from sweep import (finished_run_wall, init_args, load_results, logged_rows, parse_sweep_args, record_run, run_and_record,
-                   sweep_parser)
+from sweep import init_args, load_results, parse_sweep_args, pretrain_command, record_or_run, sweep_parser
 
 RESULTS = Path(__file__).parent / "results" / "soft_teacher_scenes"
 STEPS_PER_EPOCH = 200  # the recipe's limit_train_batches
@@ -33,13 +32,6 @@ PROTOCOL = ("val COCO mAP / mAP@50 of the EMA teacher and of the student (300 va
 def run_name(fraction: float, steps: int, init: str, seed: int) -> str:
     """``labeled10_3000_mae_s1`` for 10 % labeled, 3000 steps, MAE start, seed 1."""
     return f"labeled{round(fraction * 100)}_{steps}_{init}_s{seed}"
-
-
-def finished(run_dir: Path, epochs: int) -> bool:
-    """Whether ``run_dir`` holds a run that validated after each of its ``epochs`` epochs."""
-    if not (run_dir / "metrics.csv").is_file():
-        return False
-    return sum(1 for r in logged_rows(run_dir) if r.get(METRICS[0])) >= epochs
 
 
 def main() -> None:
@@ -61,15 +53,11 @@ def main() -> None:
                     name = run_name(fraction, steps, init, seed)
                     run_dir = Path(args.runs) / name
                     epochs = steps // STEPS_PER_EPOCH
-                    cmd = ["ssl-pretrain", "--recipe", "det_supervised", "--run_dir", str(run_dir),
-                           "--seed_everything", str(seed), "--data.seed", str(seed),
-                           "--data.labeled_fraction", str(fraction), "--trainer.max_epochs", str(epochs),
-                           "--trainer.enable_progress_bar", "false", *init_args(init, args), *args.overrides]
-                    info = dict(labeled_fraction=fraction, steps=steps, init=init, seed=seed)
-                    if finished(run_dir, epochs):
-                        record_run(run_dir, METRICS, result, name, out, finished_run_wall(run_dir), " ".join(cmd), **info)
-                    else:
-                        run_and_record(cmd, run_dir, METRICS, result, name, out, **info)
+                    cmd = pretrain_command("det_supervised", run_dir, seed, "--data.labeled_fraction", str(fraction),
+                                           "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar",
+                                           "false", *init_args(init, args), *args.overrides, data_seed=True)
+                    record_or_run(cmd, run_dir, METRICS, result, name, out, epochs, labeled_fraction=fraction,
+                                  steps=steps, init=init, seed=seed)
                     plot(result, out.with_suffix(".png"))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from ssl_kit.cli import checkpoint_readable, newest_checkpoint
+from ssl_kit.checkpointing import checkpoint_readable, newest_checkpoint
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 ARGS = [

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sweep import finished_run_wall, load_results, record_run, run_and_record
+from sweep import finished_run_wall, load_results, pretrain_command, record_run, run_and_record
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem
 PROTOCOL = ("ssl-pretrain --recipe seg_supervised_all (8000 labeled 64 px scenes, batch 32, ViT-Tiny width depth 6, patch "
@@ -62,8 +62,8 @@ def main() -> int:
     for seed, encoder in zip(args.seeds, args.encoders):
         name = f"seed{seed}"
         run_dir = Path(args.runs) / name
-        cmd = ["ssl-pretrain", "--recipe", "seg_supervised_all", "--run_dir", str(run_dir), "--model.init_from", encoder,
-               "--seed_everything", str(seed), "--data.seed", str(seed), *args.overrides]
+        cmd = pretrain_command("seg_supervised_all", run_dir, seed, "--model.init_from", encoder, *args.overrides,
+                               data_seed=True)
         last = run_dir / "checkpoints" / "last.ckpt"
         if args.reuse and last.is_file():
             record_run(run_dir, ["val_miou"], result, name, out, finished_run_wall(run_dir), " ".join(cmd), seed=seed,

@@ -32,6 +32,7 @@ import torch
 
 from ssl_kit.data.semi import SemiSupervisedDataModule
 from ssl_kit.encoders import load_exported_encoder
+from sweep import pretrain_command  # same folder
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 # a method name ending in this continues from the supervised run of the same labels / start / seed (head included):
@@ -80,8 +81,8 @@ def main() -> None:
     for labels, init, seed, method in itertools.product(args.labels, args.inits, args.seeds, args.methods):
         name = f"{method}_{labels}pc_{init}_s{seed}"
         run_dir = Path(args.runs) / name
-        cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir), "--seed_everything", str(seed),
-               "--data.seed", str(seed), "--data.labels_per_class", str(labels), "--data.val_size", "500", *args.extra]
+        cmd = pretrain_command(method, run_dir, seed, "--data.labels_per_class", str(labels), "--data.val_size", "500",
+                               *args.extra, data_seed=True)
         supervised_export = Path(args.runs) / f"supervised_{labels}pc_{init}_s{seed}" / "encoder"
         if method.endswith(FROM_SUPERVISED):  # e.g. uda@supervised: start from this seed's supervised export
             recipe = method[: -len(FROM_SUPERVISED)]

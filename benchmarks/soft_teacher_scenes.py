@@ -9,6 +9,11 @@ time, and draws the mAP@50 curves.
 Usage:
     python benchmarks/soft_teacher_scenes.py --mae_encoder runs/mae/TIME/encoder --seeds 0 1
     python benchmarks/soft_teacher_scenes.py --methods det_supervised --inits mae --seeds 0 --mae_encoder ENC
+    python benchmarks/soft_teacher_scenes.py --inits mae --mae_encoder ENC --steps 6000 --burn_in_steps 3000 --seeds 1
+``--steps`` other than the recipes' 3000 sets ``--trainer.max_epochs`` (200-step epochs; the cosine schedule spans
+the budget) and needs ``--burn_in_steps`` for Soft Teacher (its labeled-only start, ``--model.sup_only_epochs``);
+those runs are named ``METHOD_STEPS_INIT_sSEED``. A finished run already in ``--runs`` (a val value for every
+epoch) is recorded, not rerun; its wall time is then read from its files.
 Writes benchmarks/results/soft_teacher_scenes/detection_scenes.json and detection_scenes.png.
 """
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sweep import init_args, load_results, parse_sweep_args, run_and_record, save_curves, sweep_parser
+from sweep import init_args, load_results, parse_sweep_args, pretrain_command, record_or_run, save_curves, sweep_parser
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 PROTOCOL = ("val COCO mAP / mAP@50 of the EMA teacher and of the student (300 val scenes from the Fashion-MNIST "
@@ -24,6 +29,16 @@ PROTOCOL = ("val COCO mAP / mAP@50 of the EMA teacher and of the student (300 va
             "recipe (3000 steps: 15 epochs x 200 since #23's second commit, 10 x 300 for the first det_supervised rows; 2 labeled [+ 8 unlabeled] scenes per step, 10 % of 2000 train scenes "
             "labeled, ViT-Tiny width depth 6, patch 8, ViTDet pyramid + Faster R-CNN, two anchor sizes per level)")
 METRICS = ["val_map", "val_map50", "val_map_student", "val_map50_student"]
+STEPS_PER_EPOCH = 200  # both recipes' limit_train_batches
+RECIPE_STEPS = 3000  # both recipes' 15 epochs
+
+
+def budget_args(method: str, steps: int, burn_in_steps: int | None) -> list[str]:
+    """``ssl-pretrain`` overrides for a step budget other than the recipes' (and Soft Teacher's burn-in)."""
+    extra = [] if steps == RECIPE_STEPS else ["--trainer.max_epochs", str(steps // STEPS_PER_EPOCH)]
+    if method == "soft_teacher" and burn_in_steps is not None:
+        extra += ["--model.sup_only_epochs", str(burn_in_steps // STEPS_PER_EPOCH)]
+    return extra
 
 
 def plot(result: dict, path: Path) -> None:
@@ -47,18 +62,31 @@ def main() -> None:
     parser = sweep_parser(__doc__, ["det_supervised", "soft_teacher"], "runs/bench_soft_teacher",
                           "detection_scenes.json", ["mae", "random"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=RECIPE_STEPS, help="optimizer steps of every run")
+    parser.add_argument("--burn_in_steps", type=int, help="Soft Teacher's labeled-only steps (the recipe: 1800)")
     args = parse_sweep_args(parser)
+    for steps in (args.steps, args.burn_in_steps):
+        if steps is not None and (steps <= 0 or steps % STEPS_PER_EPOCH):
+            parser.error(f"--steps / --burn_in_steps {steps}: give a positive multiple of {STEPS_PER_EPOCH} "
+                         "(an epoch).")
+    if args.burn_in_steps is not None and args.burn_in_steps >= args.steps:
+        parser.error(f"--burn_in_steps {args.burn_in_steps} leaves no step with pseudo boxes in --steps {args.steps}.")
+    if args.steps != RECIPE_STEPS and args.burn_in_steps is None and "soft_teacher" in args.methods:
+        parser.error(f"--steps {args.steps}: also give Soft Teacher's --burn_in_steps (the recipe's: 1800 of 3000).")
     out = RESULTS / args.result
     result = load_results(out, PROTOCOL)
+    epochs = args.steps // STEPS_PER_EPOCH
     for init in args.inits:
         for method in args.methods:
             for seed in args.seeds:
-                name = f"{method}_{init}_s{seed}"
+                budget = "" if args.steps == RECIPE_STEPS else f"_{args.steps}"
+                name = f"{method}{budget}_{init}_s{seed}"
                 run_dir = Path(args.runs) / name
-                cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir), "--seed_everything", str(seed),
-                       "--data.seed", str(seed), "--trainer.enable_progress_bar", "false",
-                       *init_args(init, args), *args.overrides]
-                run_and_record(cmd, run_dir, METRICS, result, name, out, method=method, init=init, seed=seed)
+                cmd = pretrain_command(method, run_dir, seed, *budget_args(method, args.steps, args.burn_in_steps),
+                                       "--trainer.enable_progress_bar", "false", *init_args(init, args),
+                                       *args.overrides, data_seed=True)
+                record_or_run(cmd, run_dir, METRICS, result, name, out, epochs, method=method, init=init, seed=seed,
+                              steps=args.steps)
                 plot(result, out.with_suffix(".png"))
 
 

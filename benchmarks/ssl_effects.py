@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from eval_fmnist import cached_probe  # same folder
+from sweep import pretrain_command
 from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.encoders import EncoderSource, encoder_record, load_encoder, select_attention_kernel
@@ -90,7 +91,7 @@ def pretrain(recipe: str, seed: int, run_dir: Path, overrides: list[str]) -> dic
     record_file = run_dir / "bench_wall.json"
     if (run_dir / "encoder" / "config.json").is_file() and record_file.is_file():
         return json.loads(record_file.read_text())
-    cmd = ["ssl-pretrain", "--recipe", recipe, "--run_dir", str(run_dir), "--seed_everything", str(seed), *overrides]
+    cmd = pretrain_command(recipe, run_dir, seed, *overrides)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     record = {"command": " ".join(cmd), "pretrain_wall_s": round(time.perf_counter() - start, 1)}

@@ -10,6 +10,15 @@ import time
 from pathlib import Path
 
 
+def pretrain_command(recipe: str, run_dir: Path, seed: int | None = None, *extra: str,
+                     data_seed: bool = False) -> list[str]:
+    """``ssl-pretrain --recipe RECIPE --run_dir DIR [--seed_everything S [--data.seed S]] EXTRA...``: the command every
+    sweep starts from (``data_seed``: the seed also draws the data: labeled subset, scenes)."""
+    cmd = ["ssl-pretrain", "--recipe", recipe, "--run_dir", str(run_dir)]
+    if seed is not None:
+        cmd += ["--seed_everything", str(seed)] + (["--data.seed", str(seed)] if data_seed else [])
+    return cmd + list(extra)
+
 
 def logged_rows(run_dir: Path) -> list[dict[str, str]]:
     """The rows of the run's metrics.csv."""
@@ -33,6 +42,22 @@ def run_and_record(cmd: list[str], run_dir: Path, metrics: list[str], result: di
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     return record_run(run_dir, metrics, result, name, out, time.perf_counter() - start, " ".join(cmd), **info)
+
+
+def finished_epochs(run_dir: Path, metric: str, epochs: int) -> bool:
+    """Whether ``run_dir`` holds a run that logged ``metric`` after each of its ``epochs`` epochs."""
+    if not (run_dir / "metrics.csv").is_file():
+        return False
+    return sum(1 for r in logged_rows(run_dir) if r.get(metric)) >= epochs
+
+
+def record_or_run(cmd: list[str], run_dir: Path, metrics: list[str], result: dict, name: str, out: Path, epochs: int,
+                  **info: object) -> dict:
+    """Record the run already finished in ``run_dir`` (``metrics[0]`` logged for each of ``epochs`` epochs; wall time
+    from its files, :func:`finished_run_wall`), or run ``cmd`` and record it."""
+    if finished_epochs(run_dir, metrics[0], epochs):
+        return record_run(run_dir, metrics, result, name, out, finished_run_wall(run_dir), " ".join(cmd), **info)
+    return run_and_record(cmd, run_dir, metrics, result, name, out, **info)
 
 
 def record_run(run_dir: Path, metrics: list[str], result: dict, name: str, out: Path, wall_s: float, command: str,

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from pretrain_knn import feature_dtype, features, knn_top1  # same folder
+from sweep import pretrain_command
 from ssl_kit.data.augment import EvalTransform
 from ssl_kit.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from ssl_kit.encoders import load_exported_encoder
@@ -50,9 +51,9 @@ def pretrain(steps: int, seed: int, precision: str, run_dir: Path, extra: list[s
     """Run the MAE recipe for ``steps`` optimizer steps; returns the command's wall seconds."""
     if steps % EPOCHS:
         raise SystemExit(f"--budgets: {steps} is not a multiple of {EPOCHS} epochs")
-    cmd = ["ssl-pretrain", "--recipe", "mae", "--run_dir", str(run_dir), "--seed_everything", str(seed),
-           "--trainer.max_epochs", str(EPOCHS), "--trainer.limit_train_batches", str(steps // EPOCHS),
-           "--trainer.precision", precision, "--trainer.enable_progress_bar", "false", *extra]
+    cmd = pretrain_command("mae", run_dir, seed, "--trainer.max_epochs", str(EPOCHS), "--trainer.limit_train_batches",
+                           str(steps // EPOCHS), "--trainer.precision", precision, "--trainer.enable_progress_bar",
+                           "false", *extra)
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)

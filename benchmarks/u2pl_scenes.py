@@ -20,7 +20,8 @@ import re
 import sys
 from pathlib import Path
 
-from sweep import init_args, load_results, parse_sweep_args, run_and_record, save_curves, sweep_parser
+from sweep import (init_args, load_results, parse_sweep_args, pretrain_command, run_and_record, save_curves,
+                   sweep_parser)
 
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 PROTOCOL = ("val mIoU (500 val scenes from the Fashion-MNIST test split, 64 px, 11 classes) of the teacher after each "
@@ -67,8 +68,8 @@ def main() -> None:
             for method in args.methods:
                 name = f"{method}_{labeled}lab_{init}"
                 run_dir = Path(args.runs) / name
-                cmd = ["ssl-pretrain", "--recipe", method, "--run_dir", str(run_dir),
-                       "--data.labeled_images", str(labeled), *init_args(init, args), *args.overrides]
+                cmd = pretrain_command(method, run_dir, None, "--data.labeled_images", str(labeled),
+                                       *init_args(init, args), *args.overrides)
                 run_and_record(cmd, run_dir, ["val_miou"], result, name, out, method=method, labeled_images=labeled,
                                init=init)
                 plot({out.stem: result}, out.with_suffix(".png"))

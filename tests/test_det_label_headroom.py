@@ -1,28 +1,17 @@
 """benchmarks/det_label_headroom.py records finished detector runs instead of rerunning them, runs the missing ones
 with the labeled fraction and the epochs of the step budget, and refuses a budget that is not whole epochs."""
 import json
-import os
 import sys
 
 import pytest
 
+from helpers import finished_detection_run as finished_run
 from helpers import import_benchmark
-
-HEADER = "epoch,step,val_map,val_map50,val_map_student,val_map50_student\n"
-
-
-def finished_run(run_dir, epochs: int) -> None:
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("")
-    rows = "".join(f"{e},{200 * e + 199},0.{e + 1},0.{e + 2},0.{e + 1},0.{e + 2}\n" for e in range(epochs))
-    (run_dir / "metrics.csv").write_text(HEADER + rows)
-    (run_dir / "checkpoints" / "last.ckpt").write_text("")
-    start = os.stat(run_dir / "config.yaml").st_mtime
-    os.utime(run_dir / "checkpoints" / "last.ckpt", (start + 930.0, start + 930.0))
 
 
 def test_finished_runs_are_recorded_and_missing_ones_run_with_fraction_and_epochs(monkeypatch, tmp_path):
     bench = import_benchmark(monkeypatch, "det_label_headroom")
+    sweep = import_benchmark(monkeypatch, "sweep")
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     runs = tmp_path / "runs"
     finished_run(runs / "labeled100_400_random_s1", epochs=2)
@@ -31,9 +20,9 @@ def test_finished_runs_are_recorded_and_missing_ones_run_with_fraction_and_epoch
     def fake_run(cmd, run_dir, metrics, result, name, out, **info):
         commands.append(cmd)
         finished_run(run_dir, epochs=2)
-        return bench.record_run(run_dir, metrics, result, name, out, 1.0, " ".join(cmd), **info)
+        return sweep.record_run(run_dir, metrics, result, name, out, 1.0, " ".join(cmd), **info)
 
-    monkeypatch.setattr(bench, "run_and_record", fake_run)
+    monkeypatch.setattr(sweep, "run_and_record", fake_run)
     monkeypatch.setattr(sys, "argv", ["det_label_headroom.py", "--inits", "random", "--steps", "400", "--fractions",
                                       "0.1", "1.0", "--runs", str(runs), "--result", "h.json"])
     bench.main()
