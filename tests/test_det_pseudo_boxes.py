@@ -1,5 +1,9 @@
 """benchmarks/det_pseudo_boxes.py: a detection is right with the class of the true box it overlaps, located with
-any class; ``--split unlabeled`` scores exactly the train scenes the run leaves unlabeled."""
+any class; ``--split unlabeled`` scores exactly the train scenes the run leaves unlabeled. benchmarks/
+det_strong_view_boxes.py: a pseudo box mapped into the strong view is exact under translation and encloses a turned
+item."""
+import math
+
 import torch
 
 from helpers import import_benchmark
@@ -29,3 +33,17 @@ def test_unlabeled_split_is_the_complement_of_the_labeled_subset(monkeypatch):
     image, target = unlabeled[0]
     assert torch.equal(image, dm.full_train[unlabeled.indices[0]][0]) and len(target["boxes"]) >= 1
     assert len(bench.split_scenes(dm, "unlabeled", 5)) == 5 and len(bench.split_scenes(dm, "val", None)) == 4
+
+
+def test_strong_view_box_is_exact_under_translation_and_encloses_a_turned_square(monkeypatch):
+    bench = import_benchmark(monkeypatch, "det_strong_view_boxes")
+    augment = bench.DetectionAugment(bench.CANVAS, [0.5], [0.5])
+    square = torch.ones(40, 40, dtype=torch.bool)
+    shift = bench.translation_matrices(torch.tensor([[7.0, -5.0]]))[0]
+    mapped, true = bench.mapped_and_true_box(augment, square, shift)
+    assert torch.allclose(mapped, true) and torch.allclose(true, torch.tensor([51.0, 39.0, 91.0, 79.0]))
+    turn = bench.rotation_matrices(torch.tensor([30.0]), bench.CANVAS)[0]
+    mapped, true = bench.mapped_and_true_box(augment, square, turn)
+    side = 40 * (math.cos(math.pi / 6) + math.sin(math.pi / 6))  # the turned square's enclosing box
+    assert torch.allclose(mapped[2:] - mapped[:2], torch.tensor([side, side]), atol=1e-3)
+    assert (true[2:] - true[:2] - side).abs().max() <= 2.0  # a turned SQUARE fills its enclosing box's extent
