@@ -292,6 +292,21 @@ def finished_detection_run(run_dir: Path, epochs: int, wall_s: float = 930.0) ->
     os.utime(run_dir / "checkpoints" / "last.ckpt", (start + wall_s, start + wall_s))
 
 
+def fake_detection_runs(monkeypatch, epochs: int) -> list[list[str]]:
+    """Replace ``sweep.run_and_record`` of the benchmarks with one that writes a finished ``epochs``-epoch detection
+    run (:func:`finished_detection_run`) instead of training and records it; returns the list the commands go to."""
+    sweep = import_benchmark(monkeypatch, "sweep")
+    commands: list[list[str]] = []
+
+    def fake_run(cmd, run_dir, metrics, result, name, out, **info):
+        commands.append(cmd)
+        finished_detection_run(run_dir, epochs=epochs)
+        return sweep.record_run(run_dir, metrics, result, name, out, 1.0, " ".join(cmd), **info)
+
+    monkeypatch.setattr(sweep, "run_and_record", fake_run)
+    return commands
+
+
 def optimizer_trainer(batch_size: int = 2) -> SimpleNamespace:
     """The Trainer attributes ``configure_optimizers`` reads (10 steps of 5 per epoch, one process), so a method's
     optimizer can be built without a run."""

@@ -6,23 +6,15 @@ import sys
 import pytest
 
 from helpers import finished_detection_run as finished_run
-from helpers import import_benchmark
+from helpers import fake_detection_runs, import_benchmark
 
 
 def test_finished_runs_are_recorded_and_missing_ones_run_with_fraction_and_epochs(monkeypatch, tmp_path):
     bench = import_benchmark(monkeypatch, "det_label_headroom")
-    sweep = import_benchmark(monkeypatch, "sweep")
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     runs = tmp_path / "runs"
     finished_run(runs / "labeled100_400_random_s1", epochs=2)
-    commands = []
-
-    def fake_run(cmd, run_dir, metrics, result, name, out, **info):
-        commands.append(cmd)
-        finished_run(run_dir, epochs=2)
-        return sweep.record_run(run_dir, metrics, result, name, out, 1.0, " ".join(cmd), **info)
-
-    monkeypatch.setattr(sweep, "run_and_record", fake_run)
+    commands = fake_detection_runs(monkeypatch, epochs=2)
     monkeypatch.setattr(sys, "argv", ["det_label_headroom.py", "--inits", "random", "--steps", "400", "--fractions",
                                       "0.1", "1.0", "--runs", str(runs), "--result", "h.json"])
     bench.main()

@@ -6,23 +6,15 @@ import sys
 
 import pytest
 
-from helpers import finished_detection_run, import_benchmark
+from helpers import fake_detection_runs, finished_detection_run, import_benchmark
 
 
 def test_a_longer_budget_runs_both_recipes_with_its_epochs_and_burn_in(monkeypatch, tmp_path):
     bench = import_benchmark(monkeypatch, "soft_teacher_scenes")
-    sweep = import_benchmark(monkeypatch, "sweep")
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     runs = tmp_path / "runs"
     finished_detection_run(runs / "det_supervised_600_random_s1", epochs=3, wall_s=600.0)
-    commands = []
-
-    def fake_run(cmd, run_dir, metrics, result, name, out, **info):
-        commands.append(cmd)
-        finished_detection_run(run_dir, epochs=3)
-        return sweep.record_run(run_dir, metrics, result, name, out, 1.0, " ".join(cmd), **info)
-
-    monkeypatch.setattr(sweep, "run_and_record", fake_run)
+    commands = fake_detection_runs(monkeypatch, epochs=3)
     monkeypatch.setattr(sys, "argv", ["soft_teacher_scenes.py", "--inits", "random", "--seeds", "1", "--steps", "600",
                                       "--burn_in_steps", "400", "--runs", str(runs), "--result", "d.json"])
     bench.main()
