@@ -12,7 +12,10 @@ Usage:
     python benchmarks/soft_teacher_scenes.py --inits mae --mae_encoder ENC --steps 6000 --burn_in_steps 3000 --seeds 1
 ``--steps`` other than the recipes' 3000 sets ``--trainer.max_epochs`` (200-step epochs; the cosine schedule spans
 the budget) and needs ``--burn_in_steps`` for Soft Teacher (its labeled-only start, ``--model.sup_only_epochs``);
-those runs are named ``METHOD_STEPS_INIT_sSEED``. A finished run already in ``--runs`` (a val value for every
+those runs are named ``METHOD_STEPS_INIT_sSEED``; ``--tag T`` (for runs whose extra overrides change the recipe) adds
+``_T`` before the init:
+    python benchmarks/soft_teacher_scenes.py --methods soft_teacher --inits mae --mae_encoder ENC --steps 6000 \
+        --burn_in_steps 3000 --seeds 0 --tag ema999 -- --model.ema_decay 0.999 --model.burn_in_ema_decay 0.99 A finished run already in ``--runs`` (a val value for every
 epoch) is recorded, not rerun; its wall time is then read from its files.
 Writes benchmarks/results/soft_teacher_scenes/detection_scenes.json and detection_scenes.png.
 """
@@ -64,6 +67,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=RECIPE_STEPS, help="optimizer steps of every run")
     parser.add_argument("--burn_in_steps", type=int, help="Soft Teacher's labeled-only steps (the recipe: 1800)")
+    parser.add_argument("--tag", help="a name part for runs whose extra overrides change the recipe: "
+                                      "METHOD[_STEPS]_TAG_INIT_sSEED")
     args = parse_sweep_args(parser)
     for steps in (args.steps, args.burn_in_steps):
         if steps is not None and (steps <= 0 or steps % STEPS_PER_EPOCH):
@@ -80,7 +85,8 @@ def main() -> None:
         for method in args.methods:
             for seed in args.seeds:
                 budget = "" if args.steps == RECIPE_STEPS else f"_{args.steps}"
-                name = f"{method}{budget}_{init}_s{seed}"
+                tag = f"_{args.tag}" if args.tag else ""
+                name = f"{method}{budget}{tag}_{init}_s{seed}"
                 run_dir = Path(args.runs) / name
                 cmd = pretrain_command(method, run_dir, seed, *budget_args(method, args.steps, args.burn_in_steps),
                                        "--trainer.enable_progress_bar", "false", *init_args(init, args),

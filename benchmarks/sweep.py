@@ -21,9 +21,18 @@ def pretrain_command(recipe: str, run_dir: Path, seed: int | None = None, *extra
 
 
 def logged_rows(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of the run's metrics.csv."""
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    """The rows the run logged, over its resumes: ``metrics.part1.csv``, ``metrics.part2.csv``, ... (kept by
+    ``ssl-pretrain`` at each resume) then ``metrics.csv``. A part's rows from the step its successor starts at on
+    are dropped (a resume from a checkpoint older than the part's end logs those steps again)."""
+    parts = sorted(run_dir.glob("metrics.part*.csv"), key=lambda p: int(p.stem.removeprefix("metrics.part")))
+    rows: list[dict[str, str]] = []
+    for path in [*parts, run_dir / "metrics.csv"]:
+        with open(path) as f:
+            part = list(csv.DictReader(f))
+        if part:
+            start = min(int(r["step"]) for r in part)
+            rows = [r for r in rows if int(r["step"]) < start] + part
+    return rows
 
 
 def load_results(out: Path, protocol: str) -> dict:

@@ -91,6 +91,9 @@ class EMATeacher(pl.Callback):
             counts from it.
         start_epoch: the same given in epochs (U2PL's ``sup_only_epochs``); converted to a step once
             the number of steps per epoch is known.
+        burn_in_cap: inverse-schedule cap before epoch ``burn_in_epochs`` (Soft Teacher's burn-in, where the teacher
+            only follows a supervised student); ``cap`` from then on. None: ``cap`` throughout.
+        burn_in_epochs: epochs under ``burn_in_cap``; converted to a step like ``start_epoch``.
         steps_taken: the method's own count of training steps taken so far, where ``global_step`` counts
             something else (MPL: each step makes a teacher and a student optimizer step, and ``global_step``
             counts both); default ``trainer.global_step``.
@@ -104,6 +107,8 @@ class EMATeacher(pl.Callback):
         cap: float = 0.999,
         start_step: int = 0,
         start_epoch: int = 0,
+        burn_in_cap: float | None = None,
+        burn_in_epochs: int = 0,
         steps_taken: Callable[[], int] | None = None,
     ) -> None:
         if schedule not in ("cosine", "inverse"):
@@ -111,6 +116,7 @@ class EMATeacher(pl.Callback):
         self.schedule = schedule
         self.base, self.final, self.cap, self.start_step = base, final, cap, start_step
         self.start_epoch = start_epoch
+        self.burn_in_cap, self.burn_in_epochs, self.burn_in_steps = burn_in_cap, burn_in_epochs, 0
         self.steps_taken = steps_taken
         self._last_step: int | None = None
         self.last_momentum: float | None = None
@@ -121,7 +127,8 @@ class EMATeacher(pl.Callback):
             return 0.0
         if self.schedule == "cosine":
             return cosine_momentum(step - self.start_step, total_steps - self.start_step, self.base, self.final)
-        return inverse_momentum(step - self.start_step, self.cap)
+        burn_in = self.burn_in_cap is not None and step < self.burn_in_steps
+        return inverse_momentum(step - self.start_step, self.burn_in_cap if burn_in else self.cap)
 
     @staticmethod
     def pairs(pl_module: pl.LightningModule) -> list[tuple[nn.Module, nn.Module]]:
@@ -148,6 +155,8 @@ class EMATeacher(pl.Callback):
         self._last_step = step
         if self.start_epoch:
             self.start_step = self.start_epoch * int(steps_per_epoch(trainer))
+        if self.burn_in_epochs:
+            self.burn_in_steps = self.burn_in_epochs * int(steps_per_epoch(trainer))
         self.last_momentum = self.momentum(step - 1, int(trainer.estimated_stepping_batches))
         for student, teacher in self.pairs(pl_module):
             ema_update(student, teacher, self.last_momentum)

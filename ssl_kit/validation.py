@@ -70,6 +70,7 @@ RULES: dict[str, Rule] = {
     **{name: fraction() for name in ("mask_prob", "cutmix_prob", "initial_score", "anchor_threshold",
                                      "feedback_baseline")},
     "ema_decay": fraction("the teacher's momentum; 0.99-0.9999"),
+    "burn_in_ema_decay": fraction("the teacher's momentum during the burn-in; 0.99-0.9999"),
     "center_momentum": fraction("the paper: 0.9"),
     "teacher_momentum": fraction("iBOT's paper: 0.996"),
     "teacher_momentum_final": fraction("iBOT's paper: 1.0"),

@@ -34,6 +34,16 @@ def test_teacher_momentum_is_0_then_half_then_capped_at_0_999(method, tmp_path):
     assert [ema.momentum(i, 10_000) for i in (0, 1, 999, 5000)] == pytest.approx([0.0, 0.5, 0.999, 0.999])
 
 
+def test_burn_in_ema_decay_caps_the_teacher_momentum_until_the_pseudo_boxes_start(tmp_path):
+    from ssl_kit.teacher import EMATeacher
+
+    model = SoftTeacher(**dict(TINY, ema_decay=0.999, burn_in_ema_decay=0.99, sup_only_epochs=15))
+    (ema,) = [c for c in model.method_callbacks(tmp_path) if isinstance(c, EMATeacher)]
+    assert (ema.cap, ema.burn_in_cap, ema.burn_in_epochs) == (0.999, 0.99, 15)
+    ema.burn_in_steps = 3000  # 15 epochs of 200 steps, as the callback converts them in training
+    assert [ema.momentum(i, 6000) for i in (1, 2999, 3000, 5999)] == pytest.approx([0.5, 0.99, 0.999, 0.999])
+
+
 def test_score_exactly_at_threshold_is_dropped_and_uncertainty_threshold_is_strict():
     assert confident(torch.tensor([0.9, 0.9001, 0.5]), 0.9).tolist() == [False, True, False]
     assert reliable(torch.tensor([0.019, 0.021, 0.02]), 0.02).tolist() == [True, False, False]

@@ -30,6 +30,20 @@ def test_a_longer_budget_runs_both_recipes_with_its_epochs_and_burn_in(monkeypat
     assert supervised["val_map50_per_epoch"] == [0.2, 0.3, 0.4] and supervised["curve_steps"] == [200, 400, 600]
 
 
+def test_a_tag_names_runs_whose_overrides_change_the_recipe(monkeypatch, tmp_path):
+    bench = import_benchmark(monkeypatch, "soft_teacher_scenes")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    commands = fake_detection_runs(monkeypatch, epochs=3)
+    monkeypatch.setattr(sys, "argv", ["soft_teacher_scenes.py", "--methods", "soft_teacher", "--inits", "random",
+                                      "--seeds", "0", "--steps", "600", "--burn_in_steps", "400", "--runs",
+                                      str(tmp_path / "runs"), "--result", "d.json", "--tag", "ema999", "--",
+                                      "--model.ema_decay", "0.999"])
+    bench.main()
+    (cmd,) = commands
+    assert cmd[-2:] == ["--model.ema_decay", "0.999"] and str(tmp_path / "runs" / "soft_teacher_600_ema999_random_s0") in cmd
+    assert set(json.loads((tmp_path / "d.json").read_text())["runs"]) == {"soft_teacher_600_ema999_random_s0"}
+
+
 def test_the_recipe_budget_keeps_the_recipes_unchanged(monkeypatch, tmp_path):
     bench = import_benchmark(monkeypatch, "soft_teacher_scenes")
     assert bench.budget_args("soft_teacher", bench.RECIPE_STEPS, None) == []

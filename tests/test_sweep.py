@@ -18,6 +18,26 @@ def test_pretrain_command_seeds_the_run_and_optionally_the_data(monkeypatch):
         "--seed_everything", "0", "--data.seed", "0", "--b"]
 
 
+def write_metrics(path: Path, rows: list[tuple[int, str]]) -> None:
+    path.write_text("epoch,step,val_map\n" + "".join(f"0,{step},{value}\n" for step, value in rows))
+
+
+def test_a_resumed_run_is_recorded_over_all_its_parts(monkeypatch, tmp_path):
+    """ssl-pretrain keeps a resumed run's earlier metrics as metrics.partN.csv: the recorded curve joins the parts
+    in order (part10 after part2), and a part resumed from an older checkpoint replaces the steps it logs again."""
+    sweep = import_benchmark(monkeypatch, "sweep")
+    write_metrics(tmp_path / "metrics.part1.csv", [(9, ""), (199, "0.1"), (399, "0.2")])
+    write_metrics(tmp_path / "metrics.part2.csv", [(399, "0.25"), (599, "0.3")])  # a resume that logs step 399 again
+    for part in range(3, 10):
+        write_metrics(tmp_path / f"metrics.part{part}.csv", [])
+    write_metrics(tmp_path / "metrics.part10.csv", [(799, "0.4")])
+    write_metrics(tmp_path / "metrics.csv", [(999, "0.5")])
+    rows = sweep.logged_rows(tmp_path)
+    assert [(r["step"], r["val_map"]) for r in rows] == [
+        ("9", ""), ("199", "0.1"), ("399", "0.25"), ("599", "0.3"), ("799", "0.4"), ("999", "0.5")]
+    assert sweep.finished_epochs(tmp_path, "val_map", 5) and not sweep.finished_epochs(tmp_path, "val_map", 6)
+
+
 @pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
 def test_every_benchmark_script_imports(monkeypatch, script):
     monkeypatch.syspath_prepend(str(BENCHMARKS))

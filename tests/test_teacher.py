@@ -102,3 +102,17 @@ def test_ema_callback_needs_explicit_pairs(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(TypeError, match="ema_pairs"):
         trainer.fit(NoTeacher(), DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2))
+
+
+def test_burn_in_cap_holds_until_the_burn_in_epochs_end(tmp_path):
+    """Soft Teacher's burn_in_ema_decay: the inverse schedule is capped at ``burn_in_cap`` for the first
+    ``burn_in_epochs`` (6 steps here), at ``cap`` from then on; the count of steps runs on (no restart)."""
+    model = ToyWithTeacher()
+    ema = EMATeacher(schedule="inverse", cap=0.9, burn_in_cap=0.5, burn_in_epochs=1)
+    record = RecordSteps(ema)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[ema, record], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(12, 4)), batch_size=2))
+    momenta = [m for _, m, _, _ in record.records]
+    assert momenta == pytest.approx([0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 6 / 7, 7 / 8, 8 / 9, 0.9, 0.9, 0.9])
+    assert EMATeacher(schedule="inverse", cap=0.9).momentum(3, 12) == pytest.approx(0.75)  # no burn-in cap

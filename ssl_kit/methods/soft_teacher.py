@@ -91,6 +91,9 @@ class SoftTeacher(StudentTeacherMethod):
         reg_threshold: uncertainty below which a pseudo box supervises regression (0.02, strict).
         jitter_times, jitter_scale: box jittering (10, 0.06).
         ema_decay: teacher momentum cap (0.999).
+        burn_in_ema_decay: the cap during the ``sup_only_epochs`` burn-in (None: ``ema_decay``). The burn-in teacher
+            only follows a supervised student and is the supervised baseline's teacher when this equals
+            ``det_supervised``'s ``ema_decay``; the pseudo boxes then come from a teacher averaged at ``ema_decay``.
         base_lr: AdamW lr per 256 LABELED images; head_lr_scale: lr multiplier of pyramid + RPN + RoI heads.
         layer_decay: ViTDet's layer-wise lr decay of the encoder (timm groups: block i of d at
             ``layer_decay ** (d - 1 - i)`` of the encoder lr, embeddings at ``layer_decay ** d``; 1.0 = off,
@@ -126,6 +129,7 @@ class SoftTeacher(StudentTeacherMethod):
         jitter_times: int = 10,
         jitter_scale: float = 0.06,
         ema_decay: float = 0.999,
+        burn_in_ema_decay: float | None = None,
         base_lr: float = 0.128,
         head_lr_scale: float = 1.0,
         layer_decay: float = 1.0,
@@ -151,7 +155,10 @@ class SoftTeacher(StudentTeacherMethod):
     # ------------------------------------------------------------------ contract
     def method_callbacks(self, pictures_dir: Path) -> list[pl.Callback]:
         """Detection pictures (:meth:`detection_panels`), and the EMA teacher."""
-        return [DetectionPictures(pictures_dir), EMATeacher(schedule="inverse", cap=self.hparams.ema_decay)]
+        hp = self.hparams
+        return [DetectionPictures(pictures_dir), EMATeacher(schedule="inverse", cap=hp.ema_decay,
+                                                            burn_in_cap=hp.burn_in_ema_decay,
+                                                            burn_in_epochs=hp.sup_only_epochs)]
 
     def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
         """``[B, C, H, W]`` -> the teacher's detections (``boxes``, ``scores``, ``labels`` per image)."""
