@@ -30,7 +30,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ssl_kit.callbacks import CheckpointOnSignal, EncoderExport
 from ssl_kit.checkpointing import (newest_checkpoint, remove_partial_writes, require_matching_checkpoint,
                                    require_readable_checkpoint)
-from ssl_kit.data.resumable import RestoreLoaderPosition
+from ssl_kit.data.resumable import CountResumedEpoch, RestoreLoaderPosition
 from ssl_kit.errors import UserError, find_user_error
 from ssl_kit.eval.knn import KNNMonitor, knn_unscorable
 from ssl_kit.qscore import QScoreMonitor, QScoreRegularizer
@@ -171,7 +171,7 @@ class PretrainCLI(LightningCLI):
         if keep_every:
             callbacks.append(ModelCheckpoint(dirpath=checkpoints / "steps", filename="step={step:06d}",
                                              auto_insert_metric_name=False, every_n_train_steps=keep_every, save_top_k=-1))
-        callbacks += [self.on_signal, RestoreLoaderPosition(), LearningRateMonitor(logging_interval="step")]
+        callbacks += [self.on_signal, RestoreLoaderPosition(), CountResumedEpoch(), LearningRateMonitor(logging_interval="step")]
         if self.config_init["trainer"].get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
         if knn_every > 0 and not self.unscored and getattr(dm, "has_labels", False):

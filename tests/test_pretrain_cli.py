@@ -78,6 +78,22 @@ def test_kept_step_checkpoints_continue_exactly_into_another_run_folder(tmp_path
     assert_same_final_state(full / "checkpoints" / "last.ckpt", branch / "checkpoints" / "last.ckpt", steps=6)
 
 
+def test_a_run_started_from_an_epochs_last_step_resumes_mid_epoch_exactly(tmp_path):
+    """A kept step checkpoint on an epoch's last batch (or a SIGTERM there) starts the next epoch without Lightning
+    counting it as started (2.6); a SIGTERM in that epoch then saved it as not begun, and the resume ran the whole
+    epoch again: 15 extra steps in a 6000-step Soft Teacher run. 3 epochs x 3 steps: branch at step 3, stop at 4."""
+    full, branch = tmp_path / "full", tmp_path / "branch"
+    fp32 = ("--trainer.max_epochs", "3", "--trainer.precision", "32-true")
+    assert run_tiny("mae", full, *fp32, "--keep_every_n_steps", "3") == 0
+    start = full / "checkpoints" / "steps" / "step=000003.ckpt"
+    stop = ("--trainer.callbacks+=helpers.SignalAtStep", "--trainer.callbacks.step", "4")
+    assert run_tiny("mae", branch, *fp32, "--ckpt_path", str(start), *stop) == 143
+    stopped = torch.load(branch / "checkpoints" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]
+    assert stopped["epoch_progress"]["current"]["started"] == 2 and stopped["epoch_progress"]["current"]["processed"] == 1
+    assert run_tiny("mae", branch, *fp32, "--ckpt_path", "last") == 0
+    assert_same_final_state(full / "checkpoints" / "last.ckpt", branch / "checkpoints" / "last.ckpt", steps=9)
+
+
 def test_one_class_folder_logs_no_knn_and_the_best_checkpoint_is_the_last(tmp_path, capsys, ssl_caplog):
     """Issue #26: k-NN on one class scored 1.0 every epoch and named best-epoch000-knn1.0000.ckpt the best."""
     from helpers import save

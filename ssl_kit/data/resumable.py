@@ -57,3 +57,21 @@ class RestoreLoaderPosition(pl.Callback):
         load = getattr(trainer.fit_loop, "_load_combined_loader_states", None)
         if load is not None:
             load()
+
+
+class CountResumedEpoch(pl.Callback):
+    """Count an epoch that began right after a resume from its predecessor's last batch as started.
+
+    Resuming from a checkpoint written on an epoch's last batch (``--keep_every_n_steps`` at an epoch's length, or a
+    SIGTERM there) makes Lightning (2.5-2.6) close that epoch and start the next one while it still considers itself
+    "restarted mid-epoch": it skips the next epoch's ``ready`` / ``started`` counts. A checkpoint saved later in that
+    epoch (SIGTERM, a kept step) then says the epoch has not begun, and its resume runs the whole epoch again after
+    the steps already taken. While a batch runs, ``started`` must be one more than ``processed``; this restores it.
+    """
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        progress = trainer.fit_loop.epoch_progress
+        if progress.current.started == progress.current.processed:
+            progress.increment_ready()
+            progress.increment_started()
