@@ -67,7 +67,7 @@ RULES: dict[str, Rule] = {
     "num_classes": at_least(2, "background included for segmentation and detection"),
     "jitter_times": at_least(2, "Soft Teacher measures the spread of jittered boxes; the paper: 10"),
     # probabilities, momenta and fractions
-    **{name: fraction() for name in ("mask_prob", "cutmix_prob", "initial_score", "anchor_threshold",
+    **{name: fraction() for name in ("mask_prob", "cutmix_prob", "initial_score", "anchor_threshold", "object_threshold",
                                      "feedback_baseline")},
     "ema_decay": fraction("the teacher's momentum; 0.99-0.9999"),
     "burn_in_ema_decay": fraction("the teacher's momentum during the burn-in; 0.99-0.9999"),

@@ -72,11 +72,31 @@ def test_pseudo_boxes_reach_the_strong_view_by_score_for_classification_and_by_u
     pseudo = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.9, 0.95, 0.6]),
                "uncertainty": torch.tensor([0.019, 0.021, 0.001])}]
     shift = translation_matrices(torch.tensor([[3.0, -2.0]]))
-    cls_targets, reg_targets = method.strong_view_targets(pseudo, shift)
+    cls_targets, reg_targets, object_targets = method.strong_view_targets(pseudo, shift)
     assert cls_targets[0]["labels"].tolist() == [2]  # 0.9 is not > 0.9; 0.6 is not confident
     assert torch.equal(cls_targets[0]["boxes"], torch.tensor([[43.0, 6.0, 63.0, 18.0]]))
     assert reg_targets[0]["labels"].tolist() == [1, 3]  # uncertainty < 0.02, whatever the score
+    assert object_targets[0]["labels"].tolist() == [2]  # no object_threshold: the RPN learns the confident boxes
 
+
+def test_object_threshold_makes_unsure_candidates_rpn_objects_and_never_background():
+    """--model.object_threshold 0.5 (not the paper): the 0.6 candidate joins the RPN's objects, not the classes; a
+    background proposal on it (IoU >= 0.5, the RoI matcher's threshold) gets weight 0, one beside it keeps its own."""
+    model = SoftTeacher(**dict(TINY, object_threshold=0.5))
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [40.0, 8.0, 60.0, 20.0], [5.0, 40.0, 25.0, 60.0]])
+    pseudo = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.9, 0.95, 0.6]),
+               "uncertainty": torch.tensor([0.019, 0.021, 0.001])}]
+    targets = model.strong_view_targets(pseudo, torch.eye(3)[None])
+    assert targets.classification[0]["labels"].tolist() == [2]
+    assert targets.objects[0]["labels"].tolist() == [1, 2, 3]
+    proposals = torch.tensor([[5.0, 41.0, 25.0, 61.0],    # on the 0.6 candidate (IoU 0.9), background
+                              [5.0, 50.0, 25.0, 70.0],    # half on it: IoU 10/30 < 0.5
+                              [40.0, 8.0, 60.0, 20.0],    # the confident box, its class
+                              [90.0, 90.0, 110.0, 110.0]])  # nothing there
+    labels = torch.tensor([0, 0, 2, 0])
+    assert model.on_unknown_objects(proposals, labels, targets.objects[0]).tolist() == [True, False, False, False]
+    with pytest.raises(UserError, match="--model.object_threshold 0.95 is above --model.cls_threshold 0.9"):
+        SoftTeacher(**dict(TINY, object_threshold=0.95))
 
 def test_all_background_with_teacher_probability_half_gives_the_plain_mean_ce():
     torch.manual_seed(0)
@@ -180,10 +200,10 @@ def test_unsupervised_step_trains_the_student_only_and_reports_pseudo_boxes(meth
     # a confident and a reliable pseudo box per image, so every unsupervised loss is active
     fake = [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([3]),
              "scores": torch.tensor([0.95]), "uncertainty": torch.tensor([0.01])}] * 3
-    cls_t, reg_t = method.strong_view_targets(fake, views["weak_to_strong"])
+    targets_u = method.strong_view_targets(fake, views["weak_to_strong"])
     teacher_features = method.ema_teacher.features(views["weak"])
     features = method.student.features(views["strong"])
-    losses, info = method.unsupervised_losses(views, features, teacher_features, cls_t, reg_t)
+    losses, info = method.unsupervised_losses(views, features, teacher_features, targets_u)
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
     assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_box_reg"] > 0
     assert 0 < float(info["background_weight_mean"]) < 1

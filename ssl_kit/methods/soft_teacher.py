@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.ops import box_iou
 
 from ssl_kit.data.box_geometry import clip_and_keep, map_boxes, transform_boxes
 from ssl_kit.errors import UserError
@@ -23,12 +24,22 @@ from ssl_kit.methods.base import StudentTeacherMethod
 from ssl_kit.methods.classifier import encoder_and_head_groups, pretrained_or_random
 from ssl_kit.runtime import eval_mode
 from ssl_kit.teacher import EMATeacher, make_ema_copy
-from ssl_kit.validation import check_settings
+from ssl_kit.validation import check_settings, require
 from ssl_kit.viz import save_detection_grid
 
 log = logging.getLogger("ssl_kit")
 Features = OrderedDict[str, Tensor]
 Targets = list[dict[str, Tensor]]
+
+
+class ViewTargets(NamedTuple):
+    """Pseudo boxes in the student's view, per image (``boxes`` ``[n, 4]``, ``labels`` ``[n]``): for classification
+    (score > ``cls_threshold``), for box regression (uncertainty < ``reg_threshold``), and the objects the RPN learns
+    (score > ``object_threshold``; the classification boxes when it is None)."""
+
+    classification: Targets
+    regression: Targets
+    objects: Targets
 
 
 def split_features(features: Features, n: int) -> tuple[Features, Features]:
@@ -61,6 +72,9 @@ class SoftTeacher(StudentTeacherMethod):
     * RPN and classification: candidates with score > ``cls_threshold`` (0.9, strict); student proposals
       assigned to background are weighted by the teacher's background probability of the same box, carried
       into the weak view (:func:`ssl_kit.losses.soft_teacher.soft_background_ce`);
+    * optionally (``object_threshold``, not in the paper) candidates scored between ``object_threshold`` and
+      ``cls_threshold`` count as objects of unknown class: RPN foreground, and the student's proposals on them are
+      not trained as background;
     * box regression: candidates whose box-jitter uncertainty (``jitter_times`` copies, sigma
       ``jitter_scale`` of the box size, refined by the teacher's box head) is below ``reg_threshold`` (0.02),
       whatever their score;
@@ -90,6 +104,10 @@ class SoftTeacher(StudentTeacherMethod):
         cls_threshold: score a pseudo box needs for classification and RPN (0.9, strict).
         reg_threshold: uncertainty below which a pseudo box supervises regression (0.02, strict).
         jitter_times, jitter_scale: box jittering (10, 0.06).
+        object_threshold: score above which a candidate is an object for the RPN and never background for the
+            classifier, though only those above ``cls_threshold`` teach a class (None: the paper, every candidate
+            at or below ``cls_threshold`` is background). For a teacher that finds items but confuses their
+            classes (#23: 97 % of its > 0.9 boxes lie on an item, 25-34 % of the items get one).
         ema_decay: teacher momentum cap (0.999).
         burn_in_ema_decay: the cap during the ``sup_only_epochs`` burn-in (None: ``ema_decay``). The burn-in teacher
             only follows a supervised student and is the supervised baseline's teacher when this equals
@@ -128,6 +146,7 @@ class SoftTeacher(StudentTeacherMethod):
         reg_threshold: float = 0.02,
         jitter_times: int = 10,
         jitter_scale: float = 0.06,
+        object_threshold: float | None = None,
         ema_decay: float = 0.999,
         burn_in_ema_decay: float | None = None,
         base_lr: float = 0.128,
@@ -141,6 +160,9 @@ class SoftTeacher(StudentTeacherMethod):
         super().__init__()
         self.save_hyperparameters()
         check_settings(self.hparams)
+        require(object_threshold is None or object_threshold <= cls_threshold,
+                f"--model.object_threshold {object_threshold} is above --model.cls_threshold {cls_threshold}: the "
+                "object pseudo boxes include the confident ones; give a score at most that (or leave it unset).")
         source = pretrained_or_random(init_from, encoder, patch_size or 8, encoder_kwargs)
         resample = {"patch_size": patch_size} if init_from and patch_size else {}
         vit, self.encoder_spec = load_encoder(source, img_size, in_chans, num_classes=0, drop_path_rate=drop_path_rate,
@@ -191,15 +213,19 @@ class SoftTeacher(StudentTeacherMethod):
             d["uncertainty"] = box_uncertainty(r.reshape(hp.jitter_times, -1, 4))
         return kept
 
-    def strong_view_targets(self, pseudo: list[dict[str, Tensor]], weak_to_strong: Tensor) -> tuple[Targets, Targets]:
-        """Pseudo boxes carried into the student's view: (classification / RPN targets, regression targets)."""
-        boxes, kept = map_boxes([p["boxes"] for p in pseudo], weak_to_strong, self.hparams.img_size)
-        cls_targets, reg_targets = [], []
+    def strong_view_targets(self, pseudo: list[dict[str, Tensor]], weak_to_strong: Tensor) -> ViewTargets:
+        """Pseudo boxes carried into the student's view, selected for each loss (:class:`ViewTargets`)."""
+        hp = self.hparams
+        object_threshold = hp.cls_threshold if hp.object_threshold is None else hp.object_threshold
+        boxes, kept = map_boxes([p["boxes"] for p in pseudo], weak_to_strong, hp.img_size)
+        targets = ViewTargets([], [], [])
         for b, p, k in zip(boxes, pseudo, kept):
-            for targets, keep in ((cls_targets, confident(p["scores"][k], self.hparams.cls_threshold)),
-                                  (reg_targets, reliable(p["uncertainty"][k], self.hparams.reg_threshold))):
-                targets.append({"boxes": b[keep], "labels": p["labels"][k][keep]})
-        return cls_targets, reg_targets
+            scores = p["scores"][k]
+            for selected, keep in ((targets.classification, confident(scores, hp.cls_threshold)),
+                                   (targets.regression, reliable(p["uncertainty"][k], hp.reg_threshold)),
+                                   (targets.objects, confident(scores, object_threshold))):
+                selected.append({"boxes": b[keep], "labels": p["labels"][k][keep]})
+        return targets
 
     # ------------------------------------------------------------------ training
     @property
@@ -233,53 +259,67 @@ class SoftTeacher(StudentTeacherMethod):
             self.ema_teacher.eval()
             teacher_features = self.ema_teacher.features(views["weak"])
             pseudo = self.pseudo_boxes(views["weak"], teacher_features)
-        cls_targets, reg_targets = self.strong_view_targets(pseudo, views["weak_to_strong"])
+        targets_u = self.strong_view_targets(pseudo, views["weak_to_strong"])
 
         features = self.student.features(torch.cat([images, views["strong"]]))
         labeled_features, unlabeled_features = split_features(features, n_l)
         sup_losses = self.student.supervised_losses(images, labeled_features, targets)
-        unsup_losses, info = self.unsupervised_losses(views, unlabeled_features, teacher_features, cls_targets, reg_targets)
+        unsup_losses, info = self.unsupervised_losses(views, unlabeled_features, teacher_features, targets_u)
         sup, unsup = sum(sup_losses.values()), sum(unsup_losses.values())
         loss = sup + self.hparams.unsup_weight * unsup
 
         n_u = len(pseudo)
-        confident_boxes = sum(len(t["boxes"]) for t in cls_targets)
+        confident_boxes = sum(len(t["boxes"]) for t in targets_u.classification)
         return loss, {
             "loss_sup": sup.detach(), "loss_unsup": unsup.detach(),
             **{f"unsup_{k}": v.detach() for k, v in unsup_losses.items()},
             "pseudo_boxes": confident_boxes,
             "pseudo_boxes_per_image": confident_boxes / n_u,
             "candidate_boxes_per_image": sum(len(p["boxes"]) for p in pseudo) / n_u,
-            "reliable_boxes_per_image": sum(len(t["boxes"]) for t in reg_targets) / n_u,
+            "reliable_boxes_per_image": sum(len(t["boxes"]) for t in targets_u.regression) / n_u,
+            "object_boxes_per_image": sum(len(t["boxes"]) for t in targets_u.objects) / n_u,
             **info,
         }
 
     def unsupervised_losses(self, views: dict[str, Tensor], features: Features, teacher_features: Features,
-                            cls_targets: Targets, reg_targets: Targets) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Student losses on the strong view: RPN and soft-teacher classification on confident pseudo boxes,
-        box regression on reliable ones."""
+                            targets: ViewTargets) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Student losses on the strong view: the RPN on the object pseudo boxes, soft-teacher classification on
+        the confident ones (proposals on objects of unknown class are not background), box regression on the
+        reliable ones."""
         student = self.student
         image_list = student.image_list(views["strong"])
-        proposals, rpn_losses = student.rpn(image_list, features, cls_targets)
+        proposals, rpn_losses = student.rpn(image_list, features, targets.objects)
 
-        sampled, _, labels, _ = student.roi_heads.select_training_samples(proposals, cls_targets)
+        sampled, _, labels, _ = student.roi_heads.select_training_samples(proposals, targets.classification)
         class_logits, _ = student.classify_boxes(features, sampled, self.image_size)
         to_weak = torch.linalg.inv(views["weak_to_strong"])
         in_weak = [clip_and_keep(transform_boxes(b, m), self.hparams.img_size, 0.0)[0] for b, m in zip(sampled, to_weak)]
         with torch.no_grad():
             teacher_logits, _ = self.ema_teacher.classify_boxes(teacher_features, in_weak, self.image_size)
         background_prob = teacher_logits.softmax(dim=-1)[:, 0]
+        on_unknown = torch.cat([self.on_unknown_objects(b, l, o) for b, l, o in zip(sampled, labels, targets.objects)])
+        background_prob = background_prob.masked_fill(on_unknown, 0.0)
         labels = torch.cat(labels)
         loss_cls = soft_background_ce(class_logits, labels, background_prob)
 
-        sampled, _, reg_labels, reg_values = student.roi_heads.select_training_samples(proposals, reg_targets)
+        sampled, _, reg_labels, reg_values = student.roi_heads.select_training_samples(proposals, targets.regression)
         reg_logits, box_deltas = student.classify_boxes(features, sampled, self.image_size)
         _, loss_box = fastrcnn_loss(reg_logits, box_deltas, reg_labels, reg_values)
         losses = {"loss_objectness": rpn_losses["loss_objectness"], "loss_rpn_box_reg": rpn_losses["loss_rpn_box_reg"],
                   "loss_classifier": loss_cls, "loss_box_reg": loss_box}
         background = labels == 0
-        info = {"background_weight_mean": background_prob[background].mean() if background.any() else torch.ones(())}
+        info = {"background_weight_mean": background_prob[background].mean() if background.any() else torch.ones(()),
+                "unknown_object_proposals": on_unknown.float().mean()}
         return losses, info
+
+    def on_unknown_objects(self, proposals: Tensor, labels: Tensor, objects: dict[str, Tensor]) -> Tensor:
+        """``[P]`` bool: background proposals of one image that the RoI heads' matcher would assign to an object
+        pseudo box (IoU >= its fg threshold), i.e. proposals on an object whose class the teacher is unsure of."""
+        matched = labels == 0
+        if len(objects["boxes"]) == 0:
+            return torch.zeros_like(matched)
+        iou = box_iou(proposals, objects["boxes"]).max(dim=1).values
+        return matched & (iou >= self.student.roi_heads.proposal_matcher.high_threshold)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_pseudo_boxes = 0
