@@ -14,9 +14,9 @@ Usage:
 the budget) and needs ``--burn_in_steps`` for Soft Teacher (its labeled-only start, ``--model.sup_only_epochs``);
 those runs are named ``METHOD_STEPS_INIT_sSEED``; ``--tag T`` (for runs whose extra overrides change the recipe) adds
 ``_T`` before the init:
-    python benchmarks/soft_teacher_scenes.py --methods soft_teacher --inits mae --mae_encoder ENC --steps 6000 \
-        --burn_in_steps 3000 --seeds 0 --tag ema999 -- --model.ema_decay 0.999 --model.burn_in_ema_decay 0.99 A finished run already in ``--runs`` (a val value for every
-epoch) is recorded, not rerun; its wall time is then read from its files.
+    python benchmarks/soft_teacher_scenes.py --methods soft_teacher --inits mae --mae_encoder ENC --steps 6000
+        --burn_in_steps 3000 --seeds 0 --tag ema999 -- --model.ema_decay 0.999 --model.burn_in_ema_decay 0.99
+A finished run already in ``--runs`` (a val value for every epoch, over its resumes) is recorded, not rerun; its wall time is then read from its files.
 Writes benchmarks/results/soft_teacher_scenes/detection_scenes.json and detection_scenes.png.
 """
 from __future__ import annotations
