@@ -316,7 +316,7 @@ class SoftTeacher(StudentTeacherMethod):
         """``[P]`` bool: background proposals of one image that the RoI heads' matcher would assign to an object
         pseudo box (IoU >= its fg threshold), i.e. proposals on an object whose class the teacher is unsure of."""
         matched = labels == 0
-        if len(objects["boxes"]) == 0:
+        if self.hparams.object_threshold is None or len(objects["boxes"]) == 0:  # None: objects are the class boxes
             return torch.zeros_like(matched)
         iou = box_iou(proposals, objects["boxes"]).max(dim=1).values
         return matched & (iou >= self.student.roi_heads.proposal_matcher.high_threshold)
