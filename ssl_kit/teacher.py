@@ -153,10 +153,10 @@ class EMATeacher(pl.Callback):
         if self._last_step is not None and step == self._last_step:
             return  # an accumulation micro-batch: no optimizer step happened
         self._last_step = step
-        if self.start_epoch:
-            self.start_step = self.start_epoch * int(steps_per_epoch(trainer))
-        if self.burn_in_epochs:
-            self.burn_in_steps = self.burn_in_epochs * int(steps_per_epoch(trainer))
+        if self.start_epoch or self.burn_in_epochs:  # epochs -> steps, once the data are set up
+            per_epoch = int(steps_per_epoch(trainer))
+            self.start_step = self.start_epoch * per_epoch if self.start_epoch else self.start_step
+            self.burn_in_steps = self.burn_in_epochs * per_epoch
         self.last_momentum = self.momentum(step - 1, int(trainer.estimated_stepping_batches))
         for student, teacher in self.pairs(pl_module):
             ema_update(student, teacher, self.last_momentum)
