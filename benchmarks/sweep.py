@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
+
 
 def pretrain_command(recipe: str, run_dir: Path, seed: int | None = None, *extra: str,
                      data_seed: bool = False) -> list[str]:
@@ -40,9 +42,15 @@ def load_results(out: Path, protocol: str) -> dict:
 
 
 def finished_run_wall(run_dir: Path) -> float:
-    """Seconds a finished run took: from its ``config.yaml`` (written at its start) to its ``checkpoints/last.ckpt``
-    (its end), for recording a run folder without rerunning it."""
-    return (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+    """Seconds a finished run trained, for recording a run folder without rerunning it: the training time its
+    ``checkpoints/last.ckpt`` carries (Lightning's ``Timer``, summed over resumes); for a checkpoint without one
+    (runs from before ssl-pretrain kept it), from its ``config.yaml`` (rewritten at each start) to ``last.ckpt``,
+    which counts only the last part of a resumed run."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    timer = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {}).get("Timer")
+    if timer is not None:
+        return float(timer["time_elapsed"]["train"])
+    return last.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
 
 
 def run_and_record(cmd: list[str], run_dir: Path, metrics: list[str], result: dict, name: str, out: Path,

@@ -16,12 +16,13 @@ import sys
 import tempfile
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar, Timer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -172,6 +173,8 @@ class PretrainCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(dirpath=checkpoints / "steps", filename="step={step:06d}",
                                              auto_insert_metric_name=False, every_n_train_steps=keep_every, save_top_k=-1))
         callbacks += [self.on_signal, RestoreLoaderPosition(), CountResumedEpoch(), LearningRateMonitor(logging_interval="step")]
+        if self.config_init["trainer"].get("max_time") is None:  # with --trainer.max_time Lightning adds its own Timer
+            callbacks.append(Timer(verbose=False))  # training time, kept in every checkpoint and summed over resumes
         if self.config_init["trainer"].get("enable_progress_bar", True) is not False:
             callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=20))
         if knn_every > 0 and not self.unscored and getattr(dm, "has_labels", False):
@@ -380,6 +383,9 @@ def print_summary(cli: PretrainCLI) -> None:
     if pictures.is_dir():
         lines.append(f"  pictures: {pictures}")
     lines.append(f"  encoder (timm): {run / 'encoder'}")
+    timer = next((c for c in cli.trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is not None:
+        lines.append(f"  training time: {timedelta(seconds=round(timer.time_elapsed('train')))} (over all resumes)")
     print("\n".join(lines))
 
 

@@ -45,8 +45,14 @@ def test_resume_ends_with_the_same_weights(tmp_path, capsys):
     assert run_tiny("mae", part, *fp32, *stop_after_epoch_0) == 0
     interrupted = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     assert interrupted["global_step"] == 3
+    capsys.readouterr()
     assert run_tiny("mae", part, *fp32, "--ckpt_path", str(part / "checkpoints" / "last.ckpt")) == 0
     a, b = assert_same_final_state(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt", steps=6)
+    # the training time (Lightning's Timer) goes on from the first part's: it counts the whole run
+    first_part_s = interrupted["callbacks"]["Timer"]["time_elapsed"]["train"]
+    whole_s = b["callbacks"]["Timer"]["time_elapsed"]["train"]
+    assert 0 < first_part_s < whole_s
+    assert "training time: 0:00:" in capsys.readouterr().out
     opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6

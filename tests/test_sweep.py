@@ -1,9 +1,11 @@
 """benchmarks/sweep.py builds the ``ssl-pretrain`` command every sweep starts from; every benchmark script imports
 (their shared helpers moved between files: a broken import would only show when a benchmark is next run)."""
 import importlib
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import BENCHMARKS, import_benchmark
 
@@ -36,6 +38,21 @@ def test_a_resumed_run_is_recorded_over_all_its_parts(monkeypatch, tmp_path):
     assert [(r["step"], r["val_map"]) for r in rows] == [
         ("9", ""), ("199", "0.1"), ("399", "0.25"), ("599", "0.3"), ("799", "0.4"), ("999", "0.5")]
     assert sweep.finished_epochs(tmp_path, "val_map", 5) and not sweep.finished_epochs(tmp_path, "val_map", 6)
+
+
+def test_a_finished_runs_wall_time_is_its_checkpoints_training_time_over_resumes(monkeypatch, tmp_path):
+    """The training time Lightning's Timer keeps in last.ckpt (summed over resumes); without one (older runs), the
+    time from config.yaml to last.ckpt."""
+    sweep = import_benchmark(monkeypatch, "sweep")
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    torch.save({"callbacks": {"Timer": {"time_elapsed": {"train": 1234.5, "validate": 0.0}}}}, last)
+    assert sweep.finished_run_wall(tmp_path) == 1234.5
+    (tmp_path / "config.yaml").write_text("")
+    torch.save({"callbacks": {}}, last)
+    os.utime(tmp_path / "config.yaml", (1000.0, 1000.0))
+    os.utime(last, (1100.0, 1100.0))
+    assert sweep.finished_run_wall(tmp_path) == 100.0
 
 
 @pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
