@@ -12,11 +12,17 @@ first steps of every curve are those of ``--base``, the run the checkpoint came 
 Writes benchmarks/results/det_continuations/NAME.json: per run, its folder, branch step and the curves of
 ``val_map``, ``val_map50`` (EMA teacher) and their ``_student`` versions; and per shared step the differences to
 the first run.
+
+Over seeds (one result file per seed, the same run names): each run's lead over the reference at the last shared
+step and averaged over the shared steps from ``--from_step`` on, per seed and as mean and standard deviation:
+
+    python benchmarks/det_continuations.py --name ema_seeds --summarise ema_s0 ema_s1 --from_step 3200
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,15 +51,61 @@ def nearest(values: dict[int, dict[str, float]], step: int, tolerance: int) -> i
     return best if abs(best - step) <= tolerance else None
 
 
+def summarise(names: list[str], from_step: int) -> dict:
+    """Each run's lead over the reference in the result files ``names`` (one per seed): at the last shared step and
+    averaged over the shared steps >= ``from_step``; per file, mean and standard deviation (``statistics.stdev``)."""
+    results = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in names}
+    references = {r["reference"] for r in results.values()}
+    if len(references) != 1:
+        raise SystemExit(f"the result files compare with different references: {sorted(references)}")
+    runs = sorted(set.intersection(*(set(r["lead_over_reference"]) for r in results.values())))
+    summary: dict = {"reference": references.pop(), "files": names, "from_step": from_step, "runs": {}}
+    for run in runs:
+        per_file = {}
+        for name, result in results.items():
+            lead = {int(step): v for step, v in result["lead_over_reference"][run].items()}
+            late = [v for step, v in lead.items() if step >= from_step]
+            if not late:
+                raise SystemExit(f"{name}: {run} shares no step >= {from_step} with the reference")
+            per_file[name] = {"last_step": max(lead), "last": lead[max(lead)],
+                              "late_mean": {m: round(statistics.fmean(v[m] for v in late), 4) for m in METRICS},
+                              "late_steps": len(late)}
+        summary["runs"][run] = {"per_file": per_file, **{
+            f"{kind}_{stat}": {m: round(fn([f[kind][m] for f in per_file.values()]), 4) for m in METRICS}
+            for kind in ("last", "late_mean") for stat, fn in (("mean", statistics.fmean), ("sd", spread))}}
+    for run, s in summary["runs"].items():
+        print(f"{run} - {summary['reference']}: " + "; ".join(
+            f"{m} last {s['last_mean'][m] * 100:+.2f} ± {s['last_sd'][m] * 100:.2f}, steps >= {from_step} "
+            f"{s['late_mean_mean'][m] * 100:+.2f} ± {s['late_mean_sd'][m] * 100:.2f} points" for m in METRICS[:2]))
+    return summary
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation (0 for one value)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR; differences are to the first")
+    parser.add_argument("runs", nargs="*", help="NAME=RUN_DIR; differences are to the first")
+    parser.add_argument("--summarise", nargs="+", metavar="RESULT",
+                        help="instead of runs: result files (names, one per seed) to summarise over seeds")
+    parser.add_argument("--from_step", type=int, default=0, help="with --summarise: average the leads from this step")
     parser.add_argument("--base", help="the run the branch checkpoint came from (its curve before the branch)")
     parser.add_argument("--name", required=True, help="result file name")
     parser.add_argument("--tolerance", type=int, default=0,
                         help="pair a reference step with another run's value logged this many steps away at most "
                              "(a run resumed before Lightning's second-stop fix ran 15 extra steps)")
     args = parser.parse_args()
+    if args.summarise:
+        if args.runs:
+            parser.error("give runs or --summarise, not both")
+        out = RESULTS / f"{args.name}.json"
+        out.write_text(json.dumps(summarise(args.summarise, args.from_step), indent=1) + "\n")
+        print(f"wrote {out}")
+        return
+    if not args.runs:
+        parser.error("give NAME=RUN_DIR runs (or --summarise RESULT ...)")
     base = Path(args.base) if args.base else None
     runs = {}
     for item in args.runs:

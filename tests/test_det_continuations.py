@@ -35,3 +35,24 @@ def test_branched_runs_inherit_the_base_curve_and_lead_is_measured_per_step(monk
     monkeypatch.setattr(sys, "argv", [a for a in argv if a not in ("--tolerance", "15")])
     bench.main()
     assert json.loads((tmp_path / "results" / "t.json").read_text())["shared_steps"] == [200, 400, 600]
+
+
+def test_leads_are_summarised_over_seeds_at_the_last_step_and_over_the_late_steps(monkeypatch, tmp_path, capsys):
+    bench = import_benchmark(monkeypatch, "det_continuations")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+
+    def result(name, leads):
+        lead = {str(step): {m: v for m in bench.METRICS} for step, v in leads.items()}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"reference": "sup", "lead_over_reference": {"st": lead}}))
+
+    result("s0", {200: 0.0, 400: 0.01, 600: 0.02})
+    result("s1", {200: 0.0, 400: 0.03, 600: 0.00})
+    monkeypatch.setattr(sys, "argv", ["det_continuations.py", "--name", "both", "--summarise", "s0", "s1",
+                                      "--from_step", "400"])
+    bench.main()
+    st = json.loads((tmp_path / "both.json").read_text())["runs"]["st"]
+    assert st["last_mean"]["val_map"] == pytest.approx(0.01)
+    assert st["last_sd"]["val_map"] == pytest.approx(0.02 ** 0.5 / 10, abs=1e-4)  # stdev(0.02, 0.00), kept to 4 places
+    assert st["late_mean_mean"]["val_map"] == pytest.approx((0.015 + 0.015) / 2)
+    assert st["per_file"]["s1"]["late_steps"] == 2
+    assert "val_map last +1.00 ± 1.41" in capsys.readouterr().out
