@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared call for a session holding a lent GPU (at most ~8 minutes): the detection comparison of #23 at 2
-# seeds (det_supervised and soft_teacher from the same MAE encoder, the shipped 3000-step recipes unchanged), the
+# seeds (det_supervised and soft_teacher from the same MAE encoder, the shipped 6000-step recipes unchanged), the
 # four runs side by side on the one GPU, cut CHECK_SECONDS before the deadline; then the device check of #20 in the
 # time left (its compile rows last, so a cut keeps the other figures).
 #   bash benchmarks/device_session.sh MAE_ENCODER_EXPORT   # BUDGET=465 seconds in all by default

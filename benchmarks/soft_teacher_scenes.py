@@ -9,13 +9,13 @@ time, and draws the mAP@50 curves.
 Usage:
     python benchmarks/soft_teacher_scenes.py --mae_encoder runs/mae/TIME/encoder --seeds 0 1
     python benchmarks/soft_teacher_scenes.py --methods det_supervised --inits mae --seeds 0 --mae_encoder ENC
-    python benchmarks/soft_teacher_scenes.py --inits mae --mae_encoder ENC --steps 6000 --burn_in_steps 3000 --seeds 1
-``--steps`` other than the recipes' 3000 sets ``--trainer.max_epochs`` (200-step epochs; the cosine schedule spans
-the budget) and needs ``--burn_in_steps`` for Soft Teacher (its labeled-only start, ``--model.sup_only_epochs``);
-those runs are named ``METHOD_STEPS_INIT_sSEED``; ``--tag T`` (for runs whose extra overrides change the recipe) adds
-``_T`` before the init:
-    python benchmarks/soft_teacher_scenes.py --methods soft_teacher --inits mae --mae_encoder ENC --steps 6000
-        --burn_in_steps 3000 --seeds 0 --tag ema999 -- --model.ema_decay 0.999 --model.burn_in_ema_decay 0.99
+    python benchmarks/soft_teacher_scenes.py --inits mae --mae_encoder ENC --steps 3000 --burn_in_steps 1800 --seeds 1
+``--steps`` other than the recipes' 6000 sets ``--trainer.max_epochs`` (200-step epochs; the cosine schedule spans
+the budget) and needs ``--burn_in_steps`` for Soft Teacher (its labeled-only start, ``--model.sup_only_epochs``).
+Runs are named ``METHOD_STEPS_INIT_sSEED`` (rows named without STEPS are 3000-step runs of the earlier recipes);
+``--tag T`` (for runs whose extra overrides change the recipe) adds ``_T`` before the init:
+    python benchmarks/soft_teacher_scenes.py --methods soft_teacher --inits mae --mae_encoder ENC --seeds 0
+        --tag ema99 -- --model.ema_decay 0.99
 A finished run already in ``--runs`` (a val value for every epoch, over its resumes) is recorded, not rerun; its wall time is then read from its files.
 Writes benchmarks/results/soft_teacher_scenes/detection_scenes.json and detection_scenes.png.
 """
@@ -29,11 +29,11 @@ from sweep import init_args, load_results, parse_sweep_args, pretrain_command, r
 RESULTS = Path(__file__).parent / "results" / Path(__file__).stem  # one folder per benchmark
 PROTOCOL = ("val COCO mAP / mAP@50 of the EMA teacher and of the student (300 val scenes from the Fashion-MNIST "
             "test split, 128 px, 10 classes, every detection scored: threshold 0) after each epoch of the shipped "
-            "recipe (3000 steps: 15 epochs x 200 since #23's second commit, 10 x 300 for the first det_supervised rows; 2 labeled [+ 8 unlabeled] scenes per step, 10 % of 2000 train scenes "
+            "recipe (6000 steps, 30 epochs x 200, since #23's EMA 0.999 result; rows named without steps: 3000, 15 x 200, or 10 x 300 for the first det_supervised rows; 2 labeled [+ 8 unlabeled] scenes per step, 10 % of 2000 train scenes "
             "labeled, ViT-Tiny width depth 6, patch 8, ViTDet pyramid + Faster R-CNN, two anchor sizes per level)")
 METRICS = ["val_map", "val_map50", "val_map_student", "val_map50_student"]
 STEPS_PER_EPOCH = 200  # both recipes' limit_train_batches
-RECIPE_STEPS = 3000  # both recipes' 15 epochs
+RECIPE_STEPS = 6000  # both recipes' 30 epochs
 
 
 def budget_args(method: str, steps: int, burn_in_steps: int | None) -> list[str]:
@@ -66,7 +66,7 @@ def main() -> None:
                           "detection_scenes.json", ["mae", "random"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=RECIPE_STEPS, help="optimizer steps of every run")
-    parser.add_argument("--burn_in_steps", type=int, help="Soft Teacher's labeled-only steps (the recipe: 1800)")
+    parser.add_argument("--burn_in_steps", type=int, help="Soft Teacher's labeled-only steps (the recipe: 3000)")
     parser.add_argument("--tag", help="a name part for runs whose extra overrides change the recipe: "
                                       "METHOD[_STEPS]_TAG_INIT_sSEED")
     args = parse_sweep_args(parser)
@@ -77,14 +77,14 @@ def main() -> None:
     if args.burn_in_steps is not None and args.burn_in_steps >= args.steps:
         parser.error(f"--burn_in_steps {args.burn_in_steps} leaves no step with pseudo boxes in --steps {args.steps}.")
     if args.steps != RECIPE_STEPS and args.burn_in_steps is None and "soft_teacher" in args.methods:
-        parser.error(f"--steps {args.steps}: also give Soft Teacher's --burn_in_steps (the recipe's: 1800 of 3000).")
+        parser.error(f"--steps {args.steps}: also give Soft Teacher's --burn_in_steps (the recipe's: 3000 of 6000).")
     out = RESULTS / args.result
     result = load_results(out, PROTOCOL)
     epochs = args.steps // STEPS_PER_EPOCH
     for init in args.inits:
         for method in args.methods:
             for seed in args.seeds:
-                budget = "" if args.steps == RECIPE_STEPS else f"_{args.steps}"
+                budget = f"_{args.steps}"
                 tag = f"_{args.tag}" if args.tag else ""
                 name = f"{method}{budget}{tag}_{init}_s{seed}"
                 run_dir = Path(args.runs) / name

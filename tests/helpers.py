@@ -280,16 +280,14 @@ def import_benchmark(monkeypatch, name: str) -> ModuleType:
 
 def finished_detection_run(run_dir: Path, epochs: int, wall_s: float = 930.0) -> None:
     """A detection run folder as a finished run leaves it: ``config.yaml``, a ``metrics.csv`` with val mAP rows after
-    each 200-step epoch (val_map50 0.2, 0.3, ... for epochs 0, 1, ...) and a ``checkpoints/last.ckpt`` written
-    ``wall_s`` after the config."""
+    each 200-step epoch (val_map50 0.2, 0.3, ... for epochs 0, 1, ...) and a ``checkpoints/last.ckpt`` whose
+    training time (Lightning's Timer state) is ``wall_s``."""
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("")
     header = "epoch,step,val_map,val_map50,val_map_student,val_map50_student\n"
     rows = "".join(f"{e},{200 * e + 199},0.{e + 1},0.{e + 2},0.{e + 1},0.{e + 2}\n" for e in range(epochs))
     (run_dir / "metrics.csv").write_text(header + rows)
-    (run_dir / "checkpoints" / "last.ckpt").write_text("")
-    start = os.stat(run_dir / "config.yaml").st_mtime
-    os.utime(run_dir / "checkpoints" / "last.ckpt", (start + wall_s, start + wall_s))
+    torch.save({"callbacks": {"Timer": {"time_elapsed": {"train": wall_s}}}}, run_dir / "checkpoints" / "last.ckpt")
 
 
 def fake_detection_runs(monkeypatch, epochs: int) -> list[list[str]]:

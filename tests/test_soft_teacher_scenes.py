@@ -47,11 +47,12 @@ def test_a_tag_names_runs_whose_overrides_change_the_recipe(monkeypatch, tmp_pat
 def test_the_recipe_budget_keeps_the_recipes_unchanged(monkeypatch, tmp_path):
     bench = import_benchmark(monkeypatch, "soft_teacher_scenes")
     assert bench.budget_args("soft_teacher", bench.RECIPE_STEPS, None) == []
-    assert bench.budget_args("det_supervised", 6000, 3000) == ["--trainer.max_epochs", "30"]
+    assert bench.budget_args("det_supervised", 3000, 1800) == ["--trainer.max_epochs", "15"]
+    assert bench.budget_args("soft_teacher", 3000, 1800) == ["--trainer.max_epochs", "15", "--model.sup_only_epochs", "9"]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "6000"], "--burn_in_steps"),
+    (["--steps", "3000"], "--burn_in_steps"),
     (["--steps", "6100", "--burn_in_steps", "3000"], "multiple of 200"),
     (["--steps", "600", "--burn_in_steps", "600"], "leaves no step"),
 ])
