@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=RECIPE_STEPS, help="optimizer steps of every run")
     parser.add_argument("--burn_in_steps", type=int, help="Soft Teacher's labeled-only steps (the recipe: 3000)")
     parser.add_argument("--tag", help="a name part for runs whose extra overrides change the recipe: "
-                                      "METHOD[_STEPS]_TAG_INIT_sSEED")
+                                      "METHOD_STEPS_TAG_INIT_sSEED")
     args = parse_sweep_args(parser)
     for steps in (args.steps, args.burn_in_steps):
         if steps is not None and (steps <= 0 or steps % STEPS_PER_EPOCH):
@@ -84,9 +84,8 @@ def main() -> None:
     for init in args.inits:
         for method in args.methods:
             for seed in args.seeds:
-                budget = f"_{args.steps}"
                 tag = f"_{args.tag}" if args.tag else ""
-                name = f"{method}{budget}{tag}_{init}_s{seed}"
+                name = f"{method}_{args.steps}{tag}_{init}_s{seed}"
                 run_dir = Path(args.runs) / name
                 cmd = pretrain_command(method, run_dir, seed, *budget_args(method, args.steps, args.burn_in_steps),
                                        "--trainer.enable_progress_bar", "false", *init_args(init, args),
