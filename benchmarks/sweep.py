@@ -47,7 +47,7 @@ def finished_run_wall(run_dir: Path) -> float:
     (runs from before ssl-pretrain kept it), from its ``config.yaml`` (rewritten at each start) to ``last.ckpt``,
     which counts only the last part of a resumed run."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    timer = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {}).get("Timer")
+    timer = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("callbacks", {}).get("Timer")
     if timer is not None:
         return float(timer["time_elapsed"]["train"])
     return last.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
