@@ -10,6 +10,7 @@ import yaml
 
 from ssl_kit.cli import resolve_recipe
 from ssl_kit.encoders import block_mask, random_count_mask
+from ssl_kit.heads.projection import IBOTHead
 from ssl_kit.losses.distillation import IBOTLoss, teacher_entropies
 from ssl_kit.methods import IBOT
 from ssl_kit.methods.ibot import teacher_temperature
@@ -165,9 +166,36 @@ def test_teacher_is_exported_and_frozen_weight_norm_magnitude():
     assert not any(p.requires_grad for p in model.ema_teacher.parameters())
     g = model.head.last_layer.parametrizations.weight.original0
     assert not g.requires_grad and torch.all(g == 1)
-    assert not model.ema_teacher.training and not model.ema_teacher_head.training  # from construction on
+    assert not model.ema_teacher.training  # from construction on
     model.train()
     assert model.encoder.training and not model.ema_teacher.training  # teacher runs without drop-path
+    assert model.ema_teacher_head.training  # its head follows the student (batch norms use batch statistics)
+    model.eval()
+    assert not model.ema_teacher_head.training and not model.ema_teacher.training
+
+
+def test_batch_norm_in_head_normalises_over_every_token_of_the_call():
+    """``norm_in_head bn`` (the reference's --norm_in_head): BatchNorm1d after each hidden Linear, statistics over
+    images and token positions together; a shared offset of every token cannot pass the first hidden layer."""
+    torch.manual_seed(0)
+    head = IBOTHead(8, out_dim=6, hidden_dim=16, bottleneck_dim=4, norm="bn")
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.mlp) == 2
+    tokens = torch.randn(3, 5, 8)
+    out = head(tokens)  # one call: the running mean is 0.1 x the mean of the 15 tokens' first-layer outputs
+    assert out.shape == (3, 5, 6)
+    with torch.no_grad():
+        assert torch.allclose(head.mlp[1].running_mean, 0.1 * head.mlp[0](tokens.reshape(15, 8)).mean(0), atol=1e-6)
+    assert torch.allclose(out, head(tokens.reshape(15, 8)).reshape(3, 5, 6), atol=1e-5)  # [B, L, D] == [B*L, D]
+    offset = torch.zeros(8)
+    offset[0] = 50.0  # one vector shared by every token: the first layer maps it to a constant the norm removes
+    assert torch.allclose(head(tokens + offset), out, atol=1e-4)
+    plain = IBOTHead(8, out_dim=6, hidden_dim=16, bottleneck_dim=4)
+    assert not torch.allclose(plain(tokens + offset), plain(tokens), atol=1e-2)  # without it the offset dominates
+    model = tiny_ibot(norm_in_head="bn")
+    model.train()
+    assert model.ema_teacher_head.training and isinstance(model.ema_teacher_head.mlp[1], torch.nn.BatchNorm1d)
+    with pytest.raises(Exception, match="--model.norm_in_head must be none or bn"):
+        tiny_ibot(norm_in_head="ln")
 
 
 def test_teacher_entropies_pinned_by_hand_between_the_two_collapses():

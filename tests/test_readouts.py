@@ -74,6 +74,25 @@ def test_random_baseline_is_built_like_the_method_builds_its_encoder():
     assert q_mae.std() > 2 * q_ibot.std()  # xavier (~0.18 at 32 -> 96) vs trunc-normal 0.02
 
 
+def test_ibot_with_the_mae_init_records_it_and_its_baseline_follows():
+    """``--model.encoder_init mae``: iBOT's student and teacher start from MAE's fixed sin-cos table and xavier
+    weights, the record says so, and the random baseline of that network is built the same way."""
+    torch.manual_seed(0)
+    ibot = IBOT(**TINY, out_dim=16, hidden_dim=16, bottleneck_dim=8, encoder_init="mae")
+    assert ibot.encoder_init == "mae" and ibot.encoder_record()["encoder_init"] == "mae"
+    table = sincos_2d_pos_embed(32, 4, 4)
+    for vit in (ibot.encoder, ibot.ema_teacher):
+        assert torch.allclose(vit.pos_embed[0], table) and not vit.pos_embed.requires_grad
+    fan_in, fan_out = ibot.encoder.blocks[0].attn.qkv.weight.shape[1], ibot.encoder.blocks[0].attn.qkv.weight.shape[0]
+    bound = (6 / (fan_in + fan_out)) ** 0.5  # xavier-uniform: U(-b, b), std b / sqrt(3), not timm's 0.02
+    assert float(ibot.encoder.blocks[0].attn.qkv.weight.abs().max()) <= bound
+    assert float(ibot.encoder.blocks[0].attn.qkv.weight.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.15)
+    baseline = build_random_encoder(ibot.encoder_spec, ibot.encoder_init)
+    assert torch.allclose(baseline.pos_embed[0], table)
+    with pytest.raises(Exception, match="encoder_init"):
+        IBOT(**TINY, out_dim=16, hidden_dim=16, bottleneck_dim=8, encoder_init="xavier")
+
+
 @pytest.fixture(scope="module")
 def ibot_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("ibot") / "run"

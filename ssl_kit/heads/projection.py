@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -18,14 +20,21 @@ class IBOTHead(nn.Module):
         hidden_dim: MLP width (2048).
         bottleneck_dim: width before the last layer (256).
         norm_last_layer: fix the weight-norm magnitude g to 1 (not trained), as DINO/iBOT ViT-S.
+        norm: ``none`` (the paper's ViT setting) or ``bn``: BatchNorm1d after each hidden Linear, statistics over
+            every token of the call (images and, for patch tokens, positions), as the reference code's
+            ``--norm_in_head bn`` (DINO's ``use_bn_in_head``).
     """
 
     def __init__(self, in_dim: int, out_dim: int = 8192, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = True) -> None:
+                 norm_last_layer: bool = True, norm: Literal["none", "bn"] = "none") -> None:
         super().__init__()
+
+        def hidden(width: int) -> list[nn.Module]:
+            return ([nn.BatchNorm1d(width)] if norm == "bn" else []) + [nn.GELU()]
+
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(in_dim, hidden_dim), *hidden(hidden_dim),
+            nn.Linear(hidden_dim, hidden_dim), *hidden(hidden_dim),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
         for m in self.mlp:
@@ -39,5 +48,6 @@ class IBOTHead(nn.Module):
         magnitude.requires_grad_(not norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[..., D]`` -> ``[..., out_dim]`` logits."""
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+        """``[..., D]`` -> ``[..., out_dim]`` logits (batch norms see the leading dims flattened)."""
+        z = self.mlp(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        return self.last_layer(F.normalize(z, dim=-1, p=2))

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ssl_kit.callbacks import ReconstructionPictures
-from ssl_kit.encoders import EncoderSpec, block_mask, build_encoder, random_count_mask
+from ssl_kit.encoders import ENCODER_INITS, EncoderSpec, block_mask, build_encoder, init_vit_mae_style, random_count_mask
 from ssl_kit.heads.projection import IBOTHead
 from ssl_kit.losses.distillation import IBOTLoss, teacher_entropies
 from ssl_kit.methods.base import SSLMethod
@@ -70,9 +70,13 @@ class IBOT(SSLMethod):
         betas: AdamW betas.
         freeze_last_layer_epochs: epochs during which the head's last layer gets no update (1).
         readout: the feature evaluated by default: ``cls`` (the paper's k-NN and linear probe).
+        encoder_init: ``timm`` (the paper's: trunc-normal(0.02) weights, a learned position embedding) or ``mae``
+            (xavier-uniform weights and a fixed 2-D sin-cos position table, as MAE and MoCo v3).
+        norm_in_head: ``none`` (the paper's ViT setting) or ``bn``: batch norm in the head's MLP (the reference
+            code's ``--norm_in_head``; the teacher's head normalises with the batch's statistics too).
     """
 
-    encoder_init = "timm"  # timm's trunc-normal(0.02) init with a learned position embedding
+    encoder_init = "timm"  # the default; an instance records the one it was built with
 
     def __init__(
         self,
@@ -108,6 +112,8 @@ class IBOT(SSLMethod):
         betas: tuple[float, float] = (0.9, 0.999),
         freeze_last_layer_epochs: int = 1,
         readout: Literal["cls", "avgpool"] = "cls",
+        encoder_init: Literal["timm", "mae"] = "timm",
+        norm_in_head: Literal["none", "bn"] = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -118,14 +124,20 @@ class IBOT(SSLMethod):
                 f"0 <= min <= max < 1 (the paper: [0.1, 0.5]), got {list(mask_ratio)}.")
         spec = self.make_encoder_spec(encoder, img_size, patch_size, in_chans,
                                       dict(encoder_kwargs or {}, dynamic_img_size=True))
+        require(encoder_init in ENCODER_INITS, f"--model.encoder_init must be one of {', '.join(ENCODER_INITS)} "
+                f"(timm: the paper's trunc-normal init; mae: xavier and a fixed sin-cos table), got {encoder_init!r}.")
+        self.encoder_init = encoder_init
         self.encoder = build_encoder(EncoderSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=drop_path_rate)),
-                                     sincos_pos_embed=False)
+                                     sincos_pos_embed=encoder_init == "mae")
+        if encoder_init == "mae":
+            init_vit_mae_style(self.encoder)
         self.encoder_spec = EncoderSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))  # what is exported
         dim = self.encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        self.head = IBOTHead(dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer)
+        require(norm_in_head in ("none", "bn"), f"--model.norm_in_head must be none or bn, got {norm_in_head!r}.")
+        self.head = IBOTHead(dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, norm_in_head)
         self.ema_teacher = make_ema_copy(self.encoder).eval()  # eval from the start: Lightning need not call train()
-        self.ema_teacher_head = make_ema_copy(self.head).eval()
+        self.ema_teacher_head = make_ema_copy(self.head)  # train mode with the student: see train()
         self.criterion = IBOTLoss(out_dim, student_temp, center_momentum, center_momentum2)
         self.grid: tuple[int, int] = tuple(self.encoder.patch_embed.grid_size)  # type: ignore[assignment]
         self.entropy_sums = torch.zeros(3)  # this epoch's teacher entropies (per image, marginal) and steps
@@ -138,10 +150,11 @@ class IBOT(SSLMethod):
         return self.ema_teacher
 
     def train(self, mode: bool = True) -> "IBOT":
-        """The teacher always runs in eval mode (no drop-path)."""
+        """The teacher encoder always runs in eval mode (no drop-path); its head follows ``mode``, so that batch
+        norms in it (``norm_in_head bn``) use the batch's statistics while training, as the reference's teacher."""
         super().train(mode)
         self.ema_teacher.eval()
-        self.ema_teacher_head.eval()
+        self.ema_teacher_head.train(mode)
         return self
 
     # ------------------------------------------------------------------ masks and encoding
@@ -242,7 +255,8 @@ class IBOT(SSLMethod):
             log.warning("epoch %d: the teacher's [CLS] distribution is nearly uniform for every image (normalised "
                         "entropy %.3f > %.1f; the [CLS] loss sits near log K): centering outweighs sharpening and the "
                         "[CLS] loss teaches the student almost nothing. A lower --model.teacher_temp sharpens the "
-                        "teacher (what it did in the short recipe: recipes/ibot.yaml).",
+                        "teacher (0.02 with --model.norm_in_head bn kept it sharp on Fashion-MNIST; recipes/ibot.yaml "
+                        "lists what each setting did to k-NN).",
                         self.current_epoch, per_image, UNIFORM_COLLAPSE_ENTROPY)
         elif marginal < ONE_PROTOTYPE_ENTROPY:
             log.warning("epoch %d: the teacher puts nearly every image on the same prototypes (normalised entropy "
