@@ -1,10 +1,10 @@
 """DINO/iBOT projection head: MLP -> L2 norm -> weight-normalised linear layer."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ssl_kit.callbacks import ReconstructionPictures
-from ssl_kit.encoders import ENCODER_INITS, EncoderSpec, block_mask, build_encoder, init_vit_mae_style, random_count_mask
+from ssl_kit.encoders import ENCODER_INITS, EncoderSpec, block_mask, build_random_encoder, random_count_mask
 from ssl_kit.heads.projection import IBOTHead
 from ssl_kit.losses.distillation import IBOTLoss, teacher_entropies
 from ssl_kit.methods.base import SSLMethod
@@ -127,10 +127,8 @@ class IBOT(SSLMethod):
         require(encoder_init in ENCODER_INITS, f"--model.encoder_init must be one of {', '.join(ENCODER_INITS)} "
                 f"(timm: the paper's trunc-normal init; mae: xavier and a fixed sin-cos table), got {encoder_init!r}.")
         self.encoder_init = encoder_init
-        self.encoder = build_encoder(EncoderSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=drop_path_rate)),
-                                     sincos_pos_embed=encoder_init == "mae")
-        if encoder_init == "mae":
-            init_vit_mae_style(self.encoder)
+        student_spec = EncoderSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=drop_path_rate))
+        self.encoder = build_random_encoder(student_spec, encoder_init)  # the init the random baseline rebuilds
         self.encoder_spec = EncoderSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))  # what is exported
         dim = self.encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
